@@ -1,0 +1,1 @@
+"""Offline data preparation (filled in by the data-prep work)."""

@@ -1,0 +1,1 @@
+"""Task-weighting balancers (filled in by the balancers work)."""

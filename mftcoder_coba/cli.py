@@ -1,0 +1,63 @@
+"""The ``mftcoder-coba`` console command: one sub-command per job, each in the module that owns it.
+
+Sub-command modules are imported only when chosen, so ``mftcoder-coba --help`` stays fast and a
+missing optional dependency of one job does not break the others. Each module exposes
+``add_arguments(parser)`` and ``main(args) -> int``. A :class:`~mftcoder_coba.errors.UserError` raised
+anywhere becomes one ``mftcoder-coba: error: ...`` line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from mftcoder_coba.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prep": ("mftcoder_coba.data_prep.prep_cmd", "tokenise and pack multitask data into binary shards"),
+    "inspect": ("mftcoder_coba.data_prep.inspect_cmd", "per-task table of a prepared dataset and a decoded row"),
+    "verify": ("mftcoder_coba.data_prep.verify_cmd", "check every shard checksum of a prepared dataset"),
+    "simulate": ("mftcoder_coba.balancers.simulate", "run every balancer on a synthetic multitask problem"),
+    "train": ("mftcoder_coba.train_cmd", "multitask fine-tuning with DeepSpeed and a task balancer"),
+    "plot": ("mftcoder_coba.plot_cmd", "PNGs of held-out loss and task weight per task from a run"),
+    "export": ("mftcoder_coba.export_cmd", "export a run as a plain transformers model directory"),
+    "demo": ("mftcoder_coba.demo", "offline end-to-end demo on the shipped corpus (CPU, minutes)"),
+    "bench-train": ("mftcoder_coba.bench_train", "training throughput, MFU and memory benchmark"),
+    "cold-fusion": ("mftcoder_coba.fusion.cold_fusion_cmd", "run ColD Fusion iterations locally"),
+    "fuse": ("mftcoder_coba.fusion.fuse_cmd", "average contributor checkpoints into one model"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mftcoder-coba", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top, rest = _parser().parse_known_args(argv)
+    logging.basicConfig(level=top.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, help_text = COMMANDS[top.command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mftcoder-coba {top.command}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except UserError as exc:
+        print(f"mftcoder-coba: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mftcoder-coba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ColD Fusion: contributors fine-tune the shared model, the repository averages them."""

@@ -1,0 +1,1 @@
+"""Model building: transformers causal LMs, LoRA, CGC-LoRA."""
