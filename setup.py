@@ -33,7 +33,8 @@ setup(
     packages=_PACKAGES,
     package_dir=_PACKAGE_DIR,
     include_package_data=True,
-    package_data={"mftcoder_coba": ["demo_data/*", "demo_data/**/*"]},
+    package_data={"mftcoder_coba": ["demo_data/*", "demo_data/**/*"],
+                  "mftcoder_coba.demo_data": ["*.jsonl", "tokenizer/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -1,1 +1,10 @@
-"""ColD Fusion: contributors fine-tune the shared model, the repository averages them."""
+"""ColD Fusion: contributors fine-tune the shared model, the repository averages them.
+
+``average_models`` is the fusion step (full weights, or LoRA updates averaged exactly); ``run_cold_fusion``
+runs the whole loop locally from a :class:`FusionConfig` (``mftcoder-coba cold-fusion``).
+"""
+from mftcoder_coba.fusion.average import average_models, inspect_model_dir
+from mftcoder_coba.fusion.cold_fusion import Contributor, FusionConfig, load_fusion_config, run_cold_fusion
+
+__all__ = ["Contributor", "FusionConfig", "average_models", "inspect_model_dir", "load_fusion_config",
+           "run_cold_fusion"]

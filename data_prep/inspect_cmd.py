@@ -1,0 +1,92 @@
+"""``mftcoder-coba inspect OUT``: per-task table of a prepared dataset and one decoded row.
+
+The decoded row shows each packed sample on its own, with the tokens that are loss targets wrapped in
+``[[`` ``]]``: the quickest way to see that the loss covers the replies and their end marker, nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from mftcoder_coba.data import IGNORE_INDEX, PackedDataset
+from mftcoder_coba.data_prep import manifest as manifest_io
+from mftcoder_coba.errors import UserError
+
+COLUMNS = ("task", "samples", "rows", "tokens", "loss tok", "util %", "truncated", "dropped", "skipped")
+
+
+def _count(reasons: dict[str, int]) -> str:
+    return str(sum(reasons.values())) + (f" ({', '.join(f'{k}={v}' for k, v in reasons.items())})" if reasons else "")
+
+
+def task_table(manifest: dict) -> str:
+    rows = [COLUMNS]
+    for name in manifest["tasks"]:
+        s = manifest["task_stats"][name]
+        rows.append((name, str(s["samples"]), str(s["rows"]), str(s["tokens"]), str(s["loss_tokens"]),
+                     f"{100 * s['utilisation']:.2f}", str(s["truncated"]), _count(s["dropped"]),
+                     _count(s["skipped"])))
+    totals = manifest["totals"]
+    rows.append(("(all)", str(totals["samples"]), str(totals["rows"]), str(totals["tokens"]),
+                 str(totals["loss_tokens"]), f"{100 * manifest['utilisation']:.2f}", "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def print_tables(out: Path) -> None:
+    for split in ("train", "valid"):
+        manifest = manifest_io.load(out / split)
+        print(f"{out / split}: {manifest['num_rows']} rows x {manifest['seq_len']} tokens, "
+              f"{len(manifest['shards'])} shard(s), template {manifest.get('template')}")
+        print(task_table(manifest))
+        print()
+
+
+def decode_row(ds: PackedDataset, index: int, tokenizer) -> str:
+    """Each packed sample of a row, decoded, loss targets in ``[[...]]``; padding summarised."""
+    row = ds[index]
+    ids, labels, tasks, pos = row["input_ids"], row["labels"], row["task_ids"], row["position_ids"]
+    target = np.zeros(len(ids), dtype=bool)
+    target[1:] = labels[:-1] != IGNORE_INDEX
+    starts = np.flatnonzero(pos == 0).tolist() + [len(ids)]
+    lines = []
+    for start, end in zip(starts[:-1], starts[1:]):
+        if tasks[start] < 0:
+            lines.append(f"--- padding: {end - start} tokens")
+            continue
+        lines.append(f"--- sample, task {ds.tasks[tasks[start]]}, {end - start} tokens, "
+                     f"{int(target[start:end].sum())} loss targets")
+        text, run_start = [], start
+        for t in range(start + 1, end + 1):
+            if t == end or target[t] != target[run_start]:
+                piece = tokenizer.decode(ids[run_start:t].tolist())
+                text.append(f"[[{piece}]]" if target[run_start] else piece)
+                run_start = t
+        lines.append("".join(text))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="directory written by `mftcoder-coba prep`")
+    parser.add_argument("--split", choices=("train", "valid"), default="train", help="split of the decoded row")
+    parser.add_argument("--row", type=int, default=0, help="row to decode")
+    parser.add_argument("--no-decode", action="store_true", help="only print the tables")
+
+
+def main(args: argparse.Namespace) -> int:
+    print_tables(args.out)
+    if args.no_decode:
+        return 0
+    ds = PackedDataset(args.out / args.split)
+    if not 0 <= args.row < len(ds):
+        raise UserError(f"--row {args.row}: {args.out / args.split} has {len(ds)} rows")
+    if ds.tokenizer_dir is None:
+        raise UserError(f"{args.out / args.split}: the tokenizer of this dataset is gone; cannot decode")
+    from mftcoder_coba.data_prep.tokens import load_tokenizer
+
+    print(f"row {args.row} of {args.out / args.split} (loss targets in [[...]]):")
+    print(decode_row(ds, args.row, load_tokenizer(ds.tokenizer_dir)))
+    return 0

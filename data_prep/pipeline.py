@@ -1,0 +1,459 @@
+"""``prepare``: tasks' raw records -> ``OUT/train`` and ``OUT/valid`` packed shards with manifests.
+
+The run is one stream: records of all tasks are interleaved in proportion to each task's size (so rows
+mix tasks and no task clusters at the end), rendered and tokenised in batches (in this process or in
+``workers`` processes, results consumed in submission order so the output never depends on timing),
+packed best-fit and written shard by shard. Held-out records are chosen per task by index from the seed
+before the stream starts and packed per task, so every validation row holds one task.
+
+Everything is written into a hidden temporary directory beside OUT and renamed into place only after the
+last manifest is written: a killed or failed run never leaves an OUT that looks complete, and an existing
+OUT (with ``overwrite``) is only replaced once the new one is whole.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import heapq
+import logging
+import multiprocessing
+import os
+import shutil
+import zlib
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+from mftcoder_coba.data_prep import manifest as manifest_io
+from mftcoder_coba.data_prep.formats import BadRecord, Source, count_records, decode, iter_raw, normalise, \
+    resolve_sources
+from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
+from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
+from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes
+from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer, quiet_worker_threads, tokenizer_files_sha256
+from mftcoder_coba.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json", "config.json")
+SHARD_BYTES = 256 << 20
+# Options that change how or where prep runs but never what it writes; left out of the manifest so the same
+# inputs give byte-identical output directories.
+RUNTIME_OPTIONS = ("out", "workers", "overwrite", "progress")
+
+
+@dataclass
+class PrepOptions:
+    """Everything ``prepare`` needs; the CLI flags of ``mftcoder-coba prep`` map one to one onto these."""
+
+    tasks: Mapping[str, str | Path] | Sequence[tuple[str, str | Path]]
+    """Task name -> input path (jsonl / jsonl.gz file, directory of them, or datasets save_to_disk dir);
+    task ids follow this order."""
+    tokenizer: str | Path
+    """Local Hugging Face tokenizer directory (loaded offline)."""
+    seq_len: int
+    """Tokens per packed row."""
+    out: str | Path
+    """Output directory; gets train/, valid/ and tokenizer/."""
+    valid_fraction: float | None = None
+    """Share of each task's records held out (at least one when the task has two or more); default 0.05
+    unless valid_samples_per_task is given."""
+    valid_samples_per_task: int | None = None
+    """Exact number of records held out per task (instead of valid_fraction)."""
+    seed: int = 1234
+    """Seed of the held-out choice."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What happens to a sample longer than seq_len; both are counted in the manifest."""
+    template: TemplateChoice = "auto"
+    """auto: the tokenizer's chat template if it has one, else MFTCoder role markers."""
+    skip_bad: bool = False
+    """Skip bad records (counted by reason in the manifest) instead of stopping at the first."""
+    workers: int = 1
+    """Processes that render and tokenise; 1 works in this process with the tokenizer's own threads."""
+    overwrite: bool = False
+    """Replace an existing OUT (only after the new one is complete)."""
+    rows_per_shard: int | None = None
+    """Rows per shard file; default: as many as fit in 256 MiB."""
+    batch_records: int = 512
+    """Records per tokenizer batch (and per unit of work sent to a worker)."""
+    progress: bool = True
+    """Show a progress bar (on a terminal)."""
+
+    def validate(self) -> None:
+        def bad(flag: str, message: str) -> UserError:
+            return UserError(f"{flag}: {message}")
+
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise bad("--seq-len", f"must be an integer >= 2, got {self.seq_len!r}")
+        if self.valid_fraction is not None and self.valid_samples_per_task is not None:
+            raise bad("--valid-fraction", "give either --valid-fraction or --valid-samples-per-task, not both")
+        if self.valid_fraction is not None and not 0.0 <= self.valid_fraction < 1.0:
+            raise bad("--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
+        if self.valid_samples_per_task is not None and self.valid_samples_per_task < 0:
+            raise bad("--valid-samples-per-task", f"must be >= 0, got {self.valid_samples_per_task}")
+        if self.overlong not in ("truncate", "drop"):
+            raise bad("--overlong", f"must be truncate or drop, got {self.overlong!r}")
+        if self.template not in ("auto", "chat", "mftcoder"):
+            raise bad("--template", f"must be auto, chat or mftcoder, got {self.template!r}")
+        if self.workers < 1:
+            raise bad("--workers", f"must be >= 1, got {self.workers}")
+        if self.rows_per_shard is not None and self.rows_per_shard < 1:
+            raise bad("--rows-per-shard", f"must be >= 1, got {self.rows_per_shard}")
+        if self.batch_records < 1:
+            raise bad("batch_records", f"must be >= 1, got {self.batch_records}")
+
+    def task_list(self) -> list[tuple[str, Path]]:
+        pairs = list(self.tasks.items()) if isinstance(self.tasks, Mapping) else list(self.tasks)
+        if not pairs:
+            raise UserError("--task: give at least one task as NAME=PATH")
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if not name or not str(name).replace("_", "").replace("-", "").replace(".", "").isalnum():
+                raise UserError(f"--task: task name {name!r} must be letters, digits, '_', '-' or '.'")
+            if name in seen:
+                raise UserError(f"--task: task name '{name}' given twice")
+            seen.add(name)
+        return [(str(n), Path(p)) for n, p in pairs]
+
+    def arguments(self) -> dict[str, Any]:
+        """The options that determine the output, as plain data for the manifest."""
+        args: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in RUNTIME_OPTIONS:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "tasks":
+                value = {name: str(path) for name, path in self.task_list()}
+            args[f.name] = str(value) if isinstance(value, Path) else value
+        return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-batch work: the same function runs in this process or in a worker.
+
+@dataclass(frozen=True)
+class _Work:
+    tokenizer_dir: str
+    template: TemplateChoice
+    seq_len: int
+    overlong: str
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_state(work: _Work, quiet: bool, tokenizer: Any = None) -> None:
+    if quiet:
+        quiet_worker_threads()
+    tokenizer = load_tokenizer(work.tokenizer_dir) if tokenizer is None else tokenizer
+    _STATE.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
+
+
+Outcome = tuple[str, Any, Any]  # ("ok"|"truncated", ids, mask) | ("dropped", reason, None) | ("bad", reason, msg)
+
+
+def _process(batch: list[tuple[str, bytes | dict[str, Any]]]) -> list[Outcome]:
+    """Render, tokenise and length-check one batch of ``(where, raw record)``; never raises for bad data."""
+    renderer: Renderer = _STATE["renderer"]
+    work: _Work = _STATE["work"]
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]]] = []
+    slots: list[int] = []
+    for i, (where, raw) in enumerate(batch):
+        try:
+            text, sample_spans = renderer.render(normalise(decode(raw, where), where))
+        except BadRecord as exc:
+            outcomes[i] = ("bad", exc.reason, str(exc))
+            continue
+        texts.append(text)
+        spans.append(sample_spans)
+        slots.append(i)
+    for i, (ids, mask) in zip(slots, _STATE["encoder"].encode(texts, spans)):
+        status = "ok"
+        if len(ids) > work.seq_len:
+            if work.overlong == "drop":
+                outcomes[i] = ("dropped", "overlong", None)
+                continue
+            ids, mask, status = ids[: work.seq_len], mask[: work.seq_len], "truncated"
+        if not mask[1:].any():
+            outcomes[i] = ("dropped", "no_loss_after_truncation" if status == "truncated" else "no_loss_tokens", None)
+            continue
+        outcomes[i] = (status, ids, mask)
+    return outcomes  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The record stream.
+
+@dataclass(frozen=True)
+class _Task:
+    name: str
+    sources: list[Source]
+    counts: list[int]
+    valid: np.ndarray  # bool per record index
+
+    @property
+    def records(self) -> int:
+        return sum(self.counts)
+
+
+def _held_out(name: str, records: int, opts: PrepOptions) -> np.ndarray:
+    """Boolean mask of the held-out records of a task: a seeded choice, stable under task reordering."""
+    if opts.valid_samples_per_task is not None:
+        k = opts.valid_samples_per_task
+        if k and k >= records:
+            raise UserError(f"--valid-samples-per-task: task '{name}' has {records} records; holding out {k} "
+                            "leaves none to train on")
+    else:
+        fraction = 0.05 if opts.valid_fraction is None else opts.valid_fraction
+        k = min(max(1, round(fraction * records)), records - 1) if fraction > 0 and records >= 2 else 0
+    mask = np.zeros(records, dtype=bool)
+    if k:
+        rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode("utf-8"))])
+        mask[rng.choice(records, size=k, replace=False)] = True
+    return mask
+
+
+def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, str, bytes | dict[str, Any]]]:
+    """``(task id, record index, where, raw)``: tasks merged in proportion to their sizes, deterministically."""
+    def records(task: _Task) -> Iterator[tuple[str, bytes | dict[str, Any]]]:
+        for source in task.sources:
+            for lineno, raw in iter_raw(source):
+                yield f"{source.label}:{lineno}", raw
+
+    streams = [records(t) for t in tasks]
+    heap = [(0.5 / t.records, tid) for tid, t in enumerate(tasks) if t.records]
+    heapq.heapify(heap)
+    taken = [0] * len(tasks)
+    while heap:
+        _, tid = heapq.heappop(heap)
+        item = next(streams[tid], None)
+        if item is None:
+            raise UserError(f"task '{tasks[tid].name}': its files changed while being read (fewer records)")
+        yield tid, taken[tid], item[0], item[1]
+        taken[tid] += 1
+        if taken[tid] < tasks[tid].records:
+            heapq.heappush(heap, ((taken[tid] + 0.5) / tasks[tid].records, tid))
+        elif next(streams[tid], None) is not None:
+            raise UserError(f"task '{tasks[tid].name}': its files changed while being read (more records)")
+
+
+def _batches(stream: Iterator[tuple[int, int, str, Any]], tasks: list[_Task], size: int
+             ) -> Iterator[tuple[list[tuple[int, bool]], list[tuple[str, Any]]]]:
+    meta: list[tuple[int, bool]] = []
+    work: list[tuple[str, Any]] = []
+    for tid, index, where, raw in stream:
+        meta.append((tid, bool(tasks[tid].valid[index])))
+        work.append((where, raw))
+        if len(work) == size:
+            yield meta, work
+            meta, work = [], []
+    if work:
+        yield meta, work
+
+
+def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, workers: int, tokenizer: Any
+                 ) -> Iterator[tuple[list[tuple[int, bool]], list[Outcome]]]:
+    """Outcomes batch by batch, in submission order, with at most ``2 * workers`` batches in flight.
+
+    ``workers == 1`` uses two helper threads: the Rust tokenizer releases the GIL and encodes on every core,
+    so while one thread waits in it, the other parses and renders the next batch, and this thread packs and
+    writes; without that the cores idle whenever Python runs between two encode calls. More workers are processes,
+    started with spawn (never fork a process that may hold threads or a CUDA context) under a
+    ProcessPoolExecutor, so a worker that dies fails the run instead of hanging it.
+    """
+    if workers == 1:
+        _init_state(work, quiet=False, tokenizer=tokenizer)
+        executor: Executor = ThreadPoolExecutor(2)
+    else:
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_state, initargs=(work, True))
+    with executor:
+        pending: collections.deque = collections.deque()
+        try:
+            for meta, items in batches:
+                pending.append((meta, executor.submit(_process, items)))
+                if len(pending) >= 2 * max(workers, 2):
+                    meta_done, future = pending.popleft()
+                    yield meta_done, future.result()
+            while pending:
+                meta_done, future = pending.popleft()
+                yield meta_done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while streaming (restored after, even on errors).
+
+    The stream allocates millions of short-lived token lists but never builds reference cycles, so the
+    collector finds nothing; yet its full passes walk every object of the process (all of transformers,
+    torch in a trainer process), which costs several percent of prep time.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output directory handling.
+
+def _temp_dir(out: Path) -> Path:
+    """A fresh hidden directory beside OUT; leftovers of killed runs on the same OUT are removed first."""
+    prefix = f".{out.name}.tmp-"
+    for stale in out.parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    temp = out.parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
+    temp.mkdir()
+    return temp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(temp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(out, old)
+        os.rename(temp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(temp, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def prepare(opts: PrepOptions) -> dict[str, Any]:
+    """Run data prep; returns the train manifest. Raises :class:`UserError` on bad input (nothing written)."""
+    opts.validate()
+    task_list = opts.task_list()
+    out = Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        raise UserError(f"{out}: already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    tokenizer_dir = Path(opts.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    renderer = Renderer(tokenizer, opts.template)
+    vocab_size = len(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tok_files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+
+    names = [name for name, _ in task_list]
+    tasks: list[_Task] = []
+    skipped_files: list[collections.Counter] = []
+    for name, path in task_list:
+        sources, counts, empty = [], [], collections.Counter()
+        for source in resolve_sources(name, path):
+            n = count_records(source)
+            if n == 0:
+                if not opts.skip_bad:
+                    raise UserError(f"{source.label}: empty file (task '{name}' has no records there)")
+                empty["empty_file"] += 1
+                continue
+            sources.append(source)
+            counts.append(n)
+        if not sources:
+            raise UserError(f"{path}: task '{name}' has no records")
+        tasks.append(_Task(name, sources, counts, _held_out(name, sum(counts), opts)))
+        skipped_files.append(empty)
+    log.info("tasks: %s", ", ".join(f"{t.name}={t.records} records ({int(t.valid.sum())} held out)" for t in tasks))
+
+    dtypes = field_dtypes(vocab_size, opts.seq_len, len(tasks))
+    row_bytes = sum(np.dtype(d).itemsize for d in dtypes.values()) * opts.seq_len
+    rows_per_shard = opts.rows_per_shard or max(1, SHARD_BYTES // row_bytes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_dir(out)
+    try:
+        stats = {split: manifest_io.SplitStats(len(tasks), opts.seq_len) for split in SPLITS}
+        for tid, empty in enumerate(skipped_files):
+            stats["train"].tasks[tid].skipped.update(empty)
+        writers = {split: ShardWriter(temp / split, opts.seq_len, dtypes, pad_id, rows_per_shard) for split in SPLITS}
+        train_packer = BestFitPacker(opts.seq_len)
+        valid_packers = [BestFitPacker(opts.seq_len, buffer_tokens=32 * opts.seq_len, max_open_rows=16)
+                         for _ in tasks]
+
+        def emit(split: str, rows: list[Row]) -> None:
+            for row in rows:
+                writers[split].write(row)
+                stats[split].add_row(row)
+
+        work = _Work(str(tokenizer_dir), renderer.mode, opts.seq_len, opts.overlong)
+        total = sum(t.records for t in tasks)
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="rec", desc="prep", disable=None if opts.progress else True) as bar, \
+                _no_cyclic_gc():
+            batches = _batches(_interleave(tasks), tasks, opts.batch_records)
+            for meta, outcomes in _run_batches(batches, work, opts.workers, tokenizer):
+                for (tid, held_out), (status, a, b) in zip(meta, outcomes):
+                    split = "valid" if held_out else "train"
+                    task_stats = stats[split].tasks[tid]
+                    if status == "bad":
+                        if not opts.skip_bad:
+                            raise UserError(b)
+                        task_stats.skipped[a] += 1
+                    elif status == "dropped":
+                        task_stats.dropped[a] += 1
+                    else:
+                        task_stats.truncated += status == "truncated"
+                        sample = Sample(tid, a, b)
+                        emit(split, valid_packers[tid].add(sample) if held_out else train_packer.add(sample))
+                bar.update(len(meta))
+        emit("train", train_packer.finish())
+        for packer in valid_packers:
+            emit("valid", packer.finish())
+        if stats["train"].rows == 0:
+            raise UserError("no training rows were produced: every record was skipped, dropped or held out")
+
+        tok_out = temp / "tokenizer"
+        tok_out.mkdir()
+        for file in tok_files:
+            shutil.copyfile(file, tok_out / file.name)
+        tok_hash, tok_hashes = tokenizer_files_sha256(tok_out)
+        tokenizer_info = {
+            "dir": "../tokenizer", "source": str(tokenizer_dir.resolve()), "name_or_path": str(tokenizer_dir.name),
+            "class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token_id": tokenizer.eos_token_id,
+            "sha256": tok_hash, "files": tok_hashes,
+        }
+        manifests = {}
+        for split in SPLITS:
+            shards = writers[split].close()
+            manifests[split] = {
+                "format": manifest_io.FORMAT, "format_version": manifest_io.FORMAT_VERSION, "split": split,
+                "seq_len": opts.seq_len, "num_rows": writers[split].rows, "dtypes": dtypes,
+                "pad_token_id": pad_id, "template": renderer.mode, "tokenizer": tokenizer_info, "tasks": names,
+                **stats[split].summary(names), "shards": shards, "arguments": opts.arguments(),
+            }
+            manifest_io.write(temp / split, manifests[split])
+        _publish(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    train = manifests["train"]
+    log.info("wrote %s: %d train rows (utilisation %.2f%%), %d valid rows", out, train["num_rows"],
+             100 * train["utilisation"], manifests["valid"]["num_rows"])
+    return train

@@ -1,0 +1,200 @@
+"""Render a normalised record into one training string plus the character spans that carry the loss.
+
+The loss covers each assistant reply and the end-of-turn token that closes it (so the model learns to stop),
+nothing else: not the system prompt, not the user turns, not the role markers. Two renderings exist:
+
+* ``chat``: the tokenizer's own chat template, so training text matches what inference will feed the model.
+  Running Jinja for every record is far slower than tokenising it, so the template is rendered once per
+  conversation *shape* (system or not, number of turns) with sentinel contents; the literal pieces between
+  the sentinels are cached and records are rendered by string joins. A template that inspects or alters
+  content (e.g. trims it) is detected while probing and then rendered exactly per record, with spans found
+  by rendering growing prefixes of the conversation.
+* ``mftcoder``: MFTCoder's role markers (``<s>system``, ``<s>human``, ``<s>bot``, each followed by a newline),
+  with EOS closing every bot turn; used by default when the tokenizer has no chat template.
+
+The end marker of an assistant turn is the first special token the template writes after the content
+(``<|im_end|>``, ``<|eot_id|>``, ``</s>``); a template that writes none gets the tokenizer's EOS inserted.
+Text after the last assistant turn is dropped: no target reads it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from mftcoder_coba.data_prep.formats import Chat, Text
+from mftcoder_coba.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TemplateChoice = Literal["auto", "chat", "mftcoder"]
+Span = tuple[int, int]
+MFTCODER_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: never produced or touched by a template
+
+
+def _sentinel(i: int) -> str:
+    return f"{_OPEN}{i}{_CLOSE}"
+
+
+def _roles_contents(chat: Chat) -> tuple[list[str], list[str]]:
+    """The conversation as parallel lists, the system prompt (if any) first."""
+    head = [("system", chat.system)] if chat.system is not None else []
+    roles, contents = zip(*(head + list(chat.turns)))
+    return list(roles), list(contents)
+
+
+def _messages(chat: Chat, contents: list[str] | None = None) -> list[dict[str, str]]:
+    roles, own = _roles_contents(chat)
+    return [{"role": r, "content": t} for r, t in zip(roles, own if contents is None else contents)]
+
+
+class Renderer:
+    """Turns :class:`Chat` / :class:`Text` records into ``(text, loss character spans)``."""
+
+    def __init__(self, tokenizer: Any, template: TemplateChoice = "auto") -> None:
+        self.tokenizer = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if template == "chat" and not has_template:
+            raise UserError(f"--template chat: tokenizer '{tokenizer.name_or_path}' has no chat template "
+                            "(use --template mftcoder)")
+        self.mode: Literal["chat", "mftcoder"] = "chat" if template == "chat" or (
+            template == "auto" and has_template) else "mftcoder"
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer '{tokenizer.name_or_path}' has no EOS token: cannot close samples")
+        self.eos = str(tokenizer.eos_token)
+        probe = tokenizer("a")["input_ids"]
+        adds_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+        self.bos = str(tokenizer.bos_token) if adds_bos else ""
+        specials = {str(t.content) for t in tokenizer.added_tokens_decoder.values() if t.special}
+        specials |= {str(t) for t in tokenizer.all_special_tokens}
+        self.specials = sorted(specials, key=len, reverse=True)
+        self._shapes: dict[tuple[bool, int], list[str] | None] = {}
+        self._warned_no_marker = False
+
+    # -- public -----------------------------------------------------------------------------------------
+    def render(self, sample: Chat | Text) -> tuple[str, list[Span]]:
+        if isinstance(sample, Text):
+            text = f"{self.bos}{sample.text}{self.eos}"
+            return text, [(len(self.bos), len(text))]
+        if self.mode == "mftcoder":
+            return self._render_mftcoder(sample)
+        pieces = self._pieces(sample)
+        if pieces is None:
+            return self._render_exact(sample)
+        return self._join(sample, pieces)
+
+    # -- MFTCoder markers -----------------------------------------------------------------------------------
+    def _render_mftcoder(self, chat: Chat) -> tuple[str, list[Span]]:
+        parts = [self.bos]
+        if chat.system is not None:
+            parts.append(f"{MFTCODER_MARKERS['system']}{chat.system}\n")
+        size = sum(map(len, parts))
+        spans: list[Span] = []
+        for role, content in chat.turns:
+            if role == "user":
+                piece = f"{MFTCODER_MARKERS['user']}{content}\n"
+            else:
+                start = size + len(MFTCODER_MARKERS["assistant"])
+                piece = f"{MFTCODER_MARKERS['assistant']}{content}{self.eos}\n"
+                spans.append((start, start + len(content) + len(self.eos)))
+            parts.append(piece)
+            size += len(piece)
+        return "".join(parts)[: spans[-1][1]], spans
+
+    # -- chat template, fast path -----------------------------------------------------------------------------
+    def _apply(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        try:
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=generation_prompt))
+        except Exception as exc:  # noqa: BLE001 - templates raise whatever their author chose
+            roles = "/".join(m["role"] for m in messages)
+            raise UserError(f"chat template of '{self.tokenizer.name_or_path}' fails on a {roles} conversation: "
+                            f"{exc} (try --template mftcoder)") from None
+
+    def _split(self, rendered: str, count: int, pad: str = "") -> list[str] | None:
+        pieces, pos = [], 0
+        for i in range(count):
+            marker = f"{pad}{_sentinel(i)}{pad}"
+            at = rendered.find(marker, pos)
+            if at < 0:
+                return None
+            pieces.append(rendered[pos:at])
+            pos = at + len(marker)
+        pieces.append(rendered[pos:])
+        return pieces
+
+    def _pieces(self, chat: Chat) -> list[str] | None:
+        """Literal template text around each content for this conversation shape; None if content-dependent."""
+        shape = (chat.system is not None, len(chat.turns))
+        if shape not in self._shapes:
+            count = int(shape[0]) + shape[1]
+            plain = self._split(self._apply(_messages(chat, [_sentinel(i) for i in range(count)])), count)
+            pad = " \n"  # a template that strips or edits content loses this padding
+            padded = self._split(self._apply(_messages(chat, [f"{pad}{_sentinel(i)}{pad}" for i in range(count)])),
+                                 count, pad)
+            self._shapes[shape] = plain if plain is not None and plain == padded else None
+            if self._shapes[shape] is None:
+                log.info("chat template edits message contents; rendering each record exactly (slower)")
+        return self._shapes[shape]
+
+    def _end_marker(self, after: str) -> int | None:
+        """Length of the text after an assistant content up to and including its first special token."""
+        best: int | None = None
+        for token in self.specials:
+            at = after.find(token)
+            if at >= 0 and (best is None or at + len(token) < best):
+                best = at + len(token)
+        return best
+
+    def _close(self, after: str) -> tuple[str, int]:
+        """(text following the content, loss length into it): inserts EOS when the template writes no marker."""
+        end = self._end_marker(after)
+        if end is not None:
+            return after, end
+        if not self._warned_no_marker:
+            log.warning("chat template closes assistant turns with no special token; appending EOS %r", self.eos)
+            self._warned_no_marker = True
+        return self.eos + after, len(self.eos)
+
+    def _join(self, chat: Chat, pieces: list[str]) -> tuple[str, list[Span]]:
+        roles, contents = _roles_contents(chat)
+        parts = [pieces[0]]
+        size = len(pieces[0])
+        spans: list[Span] = []
+        for i, (role, content) in enumerate(zip(roles, contents)):
+            after = pieces[i + 1]
+            if role == "assistant":
+                after, loss_len = self._close(after)
+                spans.append((size, size + len(content) + loss_len))
+            parts.append(content)
+            parts.append(after)
+            size += len(content) + len(after)
+        return "".join(parts)[: spans[-1][1]], spans
+
+    # -- chat template, exact path -----------------------------------------------------------------------------
+    def _render_exact(self, chat: Chat) -> tuple[str, list[Span]]:
+        messages = _messages(chat)
+        offset = 1 if chat.system is not None else 0
+        spans: list[Span] = []
+        text = ""
+        for i, (role, content) in enumerate(chat.turns):
+            if role != "assistant":
+                continue
+            before = self._apply(messages[: offset + i], generation_prompt=True)
+            through = self._apply(messages[: offset + i + 1])
+            if not through.startswith(before) or (text and not through.startswith(text)):
+                raise UserError(f"chat template of '{self.tokenizer.name_or_path}' renders earlier turns "
+                                "differently once later turns are added; use --template mftcoder")
+            reply = through[len(before):]
+            at = reply.find(content)
+            core = content if at >= 0 else content.strip()
+            at = reply.find(core) if at < 0 else at
+            if at < 0:
+                raise UserError(f"chat template of '{self.tokenizer.name_or_path}' does not write assistant "
+                                "replies verbatim; use --template mftcoder")
+            start = len(before) + at
+            after, loss_len = self._close(through[start + len(core):])
+            through = through[: start + len(core)] + after
+            spans.append((start, start + len(core) + loss_len))
+            text = through
+        return text[: spans[-1][1]], spans

@@ -1,0 +1,126 @@
+"""The public functions of ``mftcoder_coba.kernels`` (documented in the package docstring): argument checks,
+the optional id check, backend choice, and the hand-off to the autograd functions in ``ops``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mftcoder_coba.errors import UserError
+
+from . import ops
+from .linear_task_ce import DEFAULT_CHUNK_BYTES
+
+_IMPLS = ("auto", "triton", "torch")
+
+
+def _backend(impl: str, device: torch.device) -> ops.Backend:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return ops.TRITON if device.type == "cuda" else ops.TORCH
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU tensors")
+    return ops.TRITON if impl == "triton" else ops.TORCH
+
+
+def _checking(check: bool | None) -> bool:
+    return os.environ.get("MFTCODER_COBA_CHECK_IDS", "0") == "1" if check is None else check
+
+
+def _check_ids(labels: torch.Tensor, task_ids: torch.Tensor, n_vocab: int, n_tasks: int, ignore_index: int) -> None:
+    live = labels != ignore_index
+    bad = live & ((labels < 0) | (labels >= n_vocab) | (task_ids < 0) | (task_ids >= n_tasks))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        label, task = int(labels[i]), int(task_ids[i])
+        what = (
+            f"label {label} is outside the vocabulary [0, {n_vocab})"
+            if not 0 <= label < n_vocab
+            else f"task id {task} is outside [0, {n_tasks}) (task_scale has {n_tasks} entries)"
+        )
+        raise UserError(f"task cross-entropy: token {i}: {what}; {int(bad.sum())} such token(s) in this batch")
+
+
+def _prepare_ids(labels, task_ids, task_scale, n_rows: int, device: torch.device):
+    if labels.dim() != 1 or labels.shape[0] != n_rows or task_ids.shape != labels.shape:
+        raise ValueError(
+            f"labels and task_ids must be ({n_rows},), got {tuple(labels.shape)} and {tuple(task_ids.shape)}"
+        )
+    if labels.is_floating_point() or task_ids.is_floating_point():
+        raise ValueError("labels and task_ids must be integer tensors")
+    if task_scale.dim() != 1 or task_scale.numel() == 0:
+        raise ValueError(f"task_scale must be a non-empty (T,) tensor, got {tuple(task_scale.shape)}")
+    return (
+        labels.to(device).contiguous(),
+        task_ids.to(device).contiguous(),
+        task_scale.detach().to(device=device, dtype=torch.float32).contiguous(),
+    )
+
+
+def task_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_scale: torch.Tensor,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    *,
+    inplace: bool = False,
+    check: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-task cross-entropy over (N, V) logits; see the module docstring for the outputs and modes."""
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating (N, V) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    backend = _backend(impl, logits.device)
+    labels, task_ids, task_scale = _prepare_ids(labels, task_ids, task_scale, logits.shape[0], logits.device)
+    if _checking(check):
+        _check_ids(labels, task_ids, logits.shape[1], task_scale.numel(), ignore_index)
+    if logits.stride(-1) != 1:
+        if inplace:
+            raise ValueError("inplace=True needs logits whose rows are contiguous (stride(-1) == 1)")
+        logits = logits.contiguous()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return ops.TaskCrossEntropy.apply(logits, labels, task_ids, task_scale, ignore_index, backend, inplace)
+    return backend.stats(logits.detach(), labels, task_ids, task_scale, ignore_index)
+
+
+def linear_task_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    *,
+    check: bool | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-task cross-entropy of ``hidden @ weight.T + bias`` without forming the (N, V) logits.
+
+    Works through row chunks of at most ``chunk_bytes`` of logits (the only large temporary); gradients for
+    hidden, weight and bias (whichever require grad) are accumulated in the forward pass.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
+                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    backend = _backend(impl, hidden.device)
+    labels, task_ids, task_scale = _prepare_ids(labels, task_ids, task_scale, hidden.shape[0], hidden.device)
+    if _checking(check):
+        _check_ids(labels, task_ids, weight.shape[0], task_scale.numel(), ignore_index)
+    params = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return ops.LinearTaskCrossEntropy.apply(
+            hidden, weight, bias, labels, task_ids, task_scale, ignore_index, backend, chunk_bytes
+        )
+    loss, sums, counts, *_ = backend.linear(
+        hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, task_ids, task_scale,
+        ignore_index, False, False, False, chunk_bytes,
+    )
+    return loss, sums, counts

@@ -1,0 +1,323 @@
+"""Triton kernels: per-token cross-entropy, its gradient and per-task sums, reading the logits in one sweep.
+
+Why one sweep: the objective's gradient ``task_scale[t_i] * (softmax_i - onehot(label_i))`` depends only on the
+row's log-sum-exp and a coefficient that is known before the forward pass, so the forward kernel can write it
+while the row is still hot (each row is read once from DRAM and a second time, moments later, from L2).
+Training then needs no backward kernel over the logits at all; ``scale_`` folds a non-unit upstream gradient
+in afterwards and returns at once when that gradient is exactly 1 (read on the device: no host sync).
+
+Layout and numerics:
+- a persistent grid strides over the rows, streaming the vocabulary in blocks with an online max /
+  sum-of-exponentials in float32 (base 2: ``exp2`` is the hardware instruction); when the gradient is
+  written, ``SPLIT`` programs share each row (see ``rows_config``) so that each re-reads only a short
+  segment, from L2;
+- row offsets are int64 (``N * V`` passes 2**31 at V = 152k);
+- the true-class gradient ``(p - 1) * coef`` is formed in float32 and rounded once, so bf16 cancellation
+  never zeroes it;
+- a token is counted only when its label is not ``ignore_index``, its label lies in ``[0, V)`` and its task
+  id in ``[0, T)``; any other token reads nothing beyond its own row, gets ce 0 and a zero gradient row
+  (the public API's checking mode turns such tokens into an error instead);
+- per-task sums come from a second, single-program kernel over the per-row losses, so they are
+  deterministic (no float atomics).
+
+The kernels know nothing of autograd, torch.compile or the models: ``ops.py`` registers them as custom ops.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _lse_block(row_ptr, cols, stop, m, d, MASKED: tl.constexpr):
+    """Fold one block of logits into the running (max m, sum of exp(x - m) d), natural-log units."""
+    if MASKED:
+        x = tl.load(row_ptr + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + cols).to(tl.float32)
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    d = d * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2(x * _LOG2E - m_new * _LOG2E), axis=0)
+    return m_new, d
+
+
+@triton.jit
+def _grad_block(row_ptr, grad_row_ptr, cols, stop, lse2, coef, MASKED: tl.constexpr):
+    """Write ``coef * softmax`` for one block (the true class is corrected after the sweep)."""
+    if MASKED:
+        mask = cols < stop
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp2(x * _LOG2E - lse2)
+        tl.store(grad_row_ptr + cols, (p * coef).to(grad_row_ptr.dtype.element_ty), mask=mask)
+    else:
+        x = tl.load(row_ptr + cols).to(tl.float32)
+        p = tl.exp2(x * _LOG2E - lse2)
+        tl.store(grad_row_ptr + cols, (p * coef).to(grad_row_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _task_ce_rows_kernel(
+    logits_ptr,
+    stride_logits,
+    grad_ptr,
+    stride_grad,
+    labels_ptr,
+    tasks_ptr,
+    scale_ptr,
+    row_ce_ptr,
+    partial_ptr,
+    arrived_ptr,
+    n_rows,
+    n_vocab,
+    n_tasks,
+    ignore_index,
+    seg_len,
+    WRITE_GRAD: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    seg = pid % SPLIT
+    group = pid // SPLIT
+    n_groups = tl.num_programs(0) // SPLIT
+    seg_start = seg * seg_len
+    seg_stop = tl.minimum(seg_start + seg_len, n_vocab)
+    # whole blocks go unmasked; only the segment's last, partial block pays for a mask
+    full_stop = seg_start + tl.maximum(seg_stop - seg_start, 0) // BLOCK_V * BLOCK_V
+    cols0 = tl.arange(0, BLOCK_V)
+    for row in range(group, n_rows, n_groups):
+        row64 = tl.cast(row, tl.int64)
+        label = tl.load(labels_ptr + row64).to(tl.int64)
+        task = tl.load(tasks_ptr + row64).to(tl.int64)
+        valid = (label != ignore_index) & (label >= 0) & (label < n_vocab) & (task >= 0) & (task < n_tasks)
+        row_logits = logits_ptr + row64 * stride_logits
+        # read before any program of this row may start overwriting the logits (in-place mode)
+        x_label = tl.load(row_logits + tl.where(valid, label, 0)).to(tl.float32)
+
+        # pass 1 over this program's segment: running max and sum of exponentials, float32
+        m = float("-inf")
+        d = 0.0
+        for start in range(seg_start, full_stop, BLOCK_V):
+            m, d = _lse_block(row_logits, start + cols0, seg_stop, m, d, False)
+        if full_stop < seg_stop:
+            m, d = _lse_block(row_logits, full_stop + cols0, seg_stop, m, d, True)
+        if SPLIT > 1:
+            # the SPLIT programs of a row meet here: publish (m, d), count in, wait for the others. Scalar
+            # atomics run once per program and act at L2; the grid is persistent and small enough to be
+            # resident at once, so every partner is running and the wait ends.
+            slot = partial_ptr + (row64 * SPLIT + seg) * 2
+            tl.atomic_xchg(slot, m)
+            tl.atomic_xchg(slot + 1, d)
+            tl.atomic_add(arrived_ptr + row64, 1, sem="release")
+            arrived = tl.atomic_add(arrived_ptr + row64, 0, sem="acquire")
+            while arrived < SPLIT:
+                arrived = tl.atomic_add(arrived_ptr + row64, 0, sem="acquire")
+            parts = partial_ptr + (row64 * SPLIT + tl.arange(0, SPLIT)) * 2
+            part_m = tl.atomic_add(parts, 0.0, sem="acquire")
+            part_d = tl.atomic_add(parts + 1, 0.0, sem="acquire")
+            m = tl.max(part_m, axis=0)
+            d = tl.sum(part_d * tl.exp2((part_m - m) * _LOG2E), axis=0)
+        lse = m + tl.log(d)
+
+        if seg == 0:
+            tl.store(row_ce_ptr + row64, tl.where(valid, lse - x_label, 0.0))
+
+        if WRITE_GRAD:
+            # pass 2: coef * softmax over the segment just read (from L2), then the true class
+            coef = tl.where(valid, tl.load(scale_ptr + tl.where(valid, task, 0)).to(tl.float32), 0.0)
+            lse2 = lse * _LOG2E
+            row_grad = grad_ptr + row64 * stride_grad
+            for start in range(seg_start, full_stop, BLOCK_V):
+                _grad_block(row_logits, row_grad, start + cols0, seg_stop, lse2, coef, False)
+            if full_stop < seg_stop:
+                _grad_block(row_logits, row_grad, full_stop + cols0, seg_stop, lse2, coef, True)
+            if valid & (label >= seg_start) & (label < seg_stop):
+                # (p - 1) * coef formed in float32 and rounded once; the barrier orders it after the
+                # block store of the same element by another thread of this program
+                tl.debug_barrier()
+                p_label = tl.exp2(x_label * _LOG2E - lse2)
+                tl.store(row_grad + label, ((p_label - 1.0) * coef).to(grad_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _task_reduce_kernel(
+    row_ce_ptr,
+    labels_ptr,
+    tasks_ptr,
+    scale_ptr,
+    loss_ptr,
+    sums_ptr,
+    counts_ptr,
+    n_rows,
+    n_vocab,
+    n_tasks,
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    T_PAD: tl.constexpr,
+):
+    task_range = tl.arange(0, T_PAD)
+    sums = tl.zeros((T_PAD,), dtype=tl.float32)
+    counts = tl.zeros((T_PAD,), dtype=tl.int32)
+    for start in range(0, n_rows, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        in_range = rows < n_rows
+        label = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index).to(tl.int64)
+        task = tl.load(tasks_ptr + rows, mask=in_range, other=-1).to(tl.int64)
+        ce = tl.load(row_ce_ptr + rows, mask=in_range, other=0.0)
+        valid = in_range & (label != ignore_index) & (label >= 0) & (label < n_vocab) & (task >= 0) & (task < n_tasks)
+        hit = (task[:, None] == task_range[None, :]) & valid[:, None]
+        sums += tl.sum(tl.where(hit, ce[:, None], 0.0), axis=0)
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    task_mask = task_range < n_tasks
+    scale = tl.load(scale_ptr + task_range, mask=task_mask, other=0.0).to(tl.float32)
+    tl.store(sums_ptr + task_range, sums, mask=task_mask)
+    tl.store(counts_ptr + task_range, counts.to(tl.int64), mask=task_mask)
+    tl.store(loss_ptr, tl.sum(scale * sums, axis=0))
+
+
+@triton.jit
+def _scale_kernel(x_ptr, numel, n_blocks, g_ptr, BLOCK: tl.constexpr):
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        for block in range(pid, n_blocks, n_programs):
+            offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _program_slots(device_index: int) -> int:
+    """Programs the persistent grid launches: a few per multiprocessor, so few rows are in flight at once
+    and a row's second read still finds it in L2."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rows_config(n_vocab: int, write_grad: bool, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_V, num_warps, programs per SM, SPLIT) for the row kernel.
+
+    SPLIT programs share a row when the gradient is written: each reads its segment, they exchange their
+    (max, sum) partials, and each writes its segment's gradient while that segment is still in L2 -- with
+    whole rows per program the rows in flight (programs × 2·V bytes) overflow L2 and the second read goes
+    to DRAM. The forward-only sweep reads each row once, so whole rows per program are best there.
+    Measured on an H100 (benchmarks/kernels/). Overridable through
+    ``MFTCODER_COBA_CE_CONFIG="BLOCK_V,num_warps,programs_per_sm,split"`` for tuning runs.
+    """
+    env = os.environ.get("MFTCODER_COBA_CE_CONFIG")
+    if env:
+        block, warps, per_sm, split = (int(v) for v in env.split(","))
+        return block, warps, per_sm, split if write_grad else 1
+    if device.type != "cuda":
+        return 128, 1, 1, 1
+    if write_grad:
+        split = 8 if n_vocab >= 65536 else 1
+        return min(triton.next_power_of_2(n_vocab), 4096), 8, 4, split
+    return min(triton.next_power_of_2(n_vocab), 16384), 16, 4, 1
+
+
+def task_ce_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_scale: torch.Tensor,
+    ignore_index: int,
+    row_ce: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> None:
+    """Write each row's cross-entropy into ``row_ce`` (float32, 0 where not counted) and, when ``grad`` is
+    given, ``task_scale[t] * (softmax - onehot)`` into it (``grad`` may be ``logits`` itself)."""
+    n_rows, n_vocab = logits.shape
+    if n_rows == 0:
+        return
+    block, warps, per_sm, split = rows_config(n_vocab, grad is not None, logits.device)
+    if _interpreted(logits):
+        split = 1  # the interpreter runs programs one after another: partners could never meet
+        n_programs = min(n_rows, 4)
+    else:
+        n_programs = split * min(n_rows, max(1, per_sm * _program_slots(logits.device.index or 0) // split))
+    seg_len = triton.cdiv(triton.cdiv(n_vocab, split), block) * block
+    partial = torch.empty(n_rows * split * 2 if split > 1 else 1, dtype=torch.float32, device=logits.device)
+    arrived = torch.zeros(n_rows if split > 1 else 1, dtype=torch.int32, device=logits.device)
+    target = grad if grad is not None else logits
+    _task_ce_rows_kernel[(n_programs,)](
+        logits,
+        logits.stride(0),
+        target,
+        target.stride(0),
+        labels,
+        task_ids,
+        task_scale,
+        row_ce,
+        partial,
+        arrived,
+        n_rows,
+        n_vocab,
+        task_scale.numel(),
+        ignore_index,
+        seg_len,
+        WRITE_GRAD=grad is not None,
+        SPLIT=split,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+
+
+def task_reduce(
+    row_ce: torch.Tensor,
+    labels: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_scale: torch.Tensor,
+    ignore_index: int,
+    n_vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-task sums, per-task counts) from per-row losses; one program, fixed order."""
+    n_tasks = task_scale.numel()
+    loss = torch.empty((), dtype=torch.float32, device=row_ce.device)
+    sums = torch.empty(n_tasks, dtype=torch.float32, device=row_ce.device)
+    counts = torch.empty(n_tasks, dtype=torch.int64, device=row_ce.device)
+    t_pad = max(2, triton.next_power_of_2(n_tasks))
+    block_n = max(16, min(1024, 16384 // t_pad))
+    _task_reduce_kernel[(1,)](
+        row_ce,
+        labels,
+        task_ids,
+        task_scale,
+        loss,
+        sums,
+        counts,
+        row_ce.numel(),
+        n_vocab,
+        n_tasks,
+        ignore_index,
+        BLOCK_N=block_n,
+        T_PAD=t_pad,
+        num_warps=4,
+    )
+    return loss, sums, counts
+
+
+def scale_(x: torch.Tensor, g: torch.Tensor) -> None:
+    """``x *= g`` in place (float32 product, one rounding) with ``g`` a one-element device tensor; every
+    program returns at once when ``g == 1``, so the common case costs one launch and no pass over ``x``."""
+    numel = x.numel()
+    if numel == 0:
+        return
+    block = 4096
+    n_blocks = triton.cdiv(numel, block)
+    if _interpreted(x):
+        n_programs = min(n_blocks, 4)
+    else:
+        n_programs = min(n_blocks, 8 * _program_slots(x.device.index or 0))
+    _scale_kernel[(n_programs,)](x, numel, n_blocks, g, BLOCK=block, num_warps=8)

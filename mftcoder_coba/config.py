@@ -1,0 +1,171 @@
+"""The run configuration: one typed tree that drives ``mftcoder-coba train`` (YAML or JSON plus overrides).
+
+Every field has a docstring (the string literal under it) and a range check in ``validate()`` that names
+the dotted field, so a bad value stops the run with one line before any shard is read or model built.
+Checks that need the data (shards present, tokenizer/model vocabulary, task names, world size) live in
+:mod:`mftcoder_coba.training.preflight`, which ``train`` runs before anything expensive.
+
+A minimal ``run.yaml``::
+
+    run_dir: runs/demo
+    data: {train: prepared/train, valid: prepared/valid}
+    model: {model_config: {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}}
+    train: {max_steps: 200, micro_batch_size: 4, global_batch_size: 16}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mftcoder_coba import config_io
+from mftcoder_coba.config_io import check
+from mftcoder_coba.models import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared shards are (the ``train/`` and ``valid/`` folders written by ``mftcoder-coba prep``)."""
+
+    train: Path
+    """Training split: a folder holding ``manifest.json`` and its shards."""
+    valid: Path | None = None
+    """Held-out split (one task per row). Required by balancers that measure held-out loss (``coba``)."""
+
+
+@dataclass
+class BalancerConfig:
+    """Which task balancer weights the per-task losses, and the trainer's side of feeding it."""
+
+    name: str = "coba"
+    """Balancer name, one of ``mftcoder_coba.balancers.BALANCERS`` (coba, uniform, static, lbtw, famo, ...)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of that balancer (e.g. ``history_length``, ``warmup_steps``, ``tau`` for CoBa).
+    An option given as a mapping from task name to value (e.g. static ``weights``) must name exactly the
+    tasks of the shards; it is passed on as a list in task-id order."""
+    update_interval: int = 1
+    """Optimizer steps between held-out measurements (each one is a balancer update)."""
+    valid_rows_per_task: int = 1
+    """Held-out rows per task in each measurement, drawn in rotation through each task's rows (stratified)."""
+    initial_rows_per_task: int | None = None
+    """Held-out rows per task for the reference losses L_k(0) before step 1; ``null`` = all of them."""
+
+    def validate(self) -> None:
+        check(self.update_interval >= 1, "balancer.update_interval", f"must be >= 1, got {self.update_interval}")
+        check(self.valid_rows_per_task >= 1, "balancer.valid_rows_per_task",
+              f"must be >= 1, got {self.valid_rows_per_task}")
+        check(self.initial_rows_per_task is None or self.initial_rows_per_task >= 1,
+              "balancer.initial_rows_per_task", f"must be >= 1 or null, got {self.initial_rows_per_task}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warm-up, then cosine decay to a floor)."""
+
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warm-up."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from lr/warmup_steps to lr."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay from lr to min_lr_ratio * lr at max_steps, or constant lr."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: bool | Literal["auto"] = "auto"
+    """torch.optim.AdamW(fused=True) (CUDA only); ``auto`` = on CUDA. The optimizer is always PyTorch's
+    AdamW passed through DeepSpeed (``torch_adam``), so no DeepSpeed C++ optimizer op is compiled."""
+
+    def validate(self) -> None:
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
+        check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch shape, DeepSpeed engine, checkpoints and logging."""
+
+    max_steps: int = 100
+    """Optimizer steps to train (a resumed run continues up to this number)."""
+    micro_batch_size: int = 1
+    """Rows per forward/backward on one rank."""
+    global_batch_size: int = 8
+    """Rows per optimizer step over all ranks and accumulation steps; must be a multiple of
+    micro_batch_size x world size (the quotient is the number of gradient-accumulation steps)."""
+    zero_stage: int | None = None
+    """DeepSpeed ZeRO stage 0-3; ``null`` = the stage in ``deepspeed_config``, or 0 without one."""
+    deepspeed_config: Path | None = None
+    """A DeepSpeed JSON (e.g. ``launch/ds_zero2.json``) for engine details (bucket sizes, overlap, offload).
+    The batch sizes, gradient clipping, bf16, optimizer and scheduler always come from this RunConfig."""
+    seed: int = 0
+    """Seed of the data order and of python/numpy/torch RNGs."""
+    save_every: int = 0
+    """Write a checkpoint every this many steps (0 = only at the end, if ``save_final``)."""
+    save_final: bool = True
+    """Write a checkpoint after the last step (off only for throughput benchmarks, where a 1B model's
+    optimizer state would cost minutes of disk writes and nothing is kept)."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
+    log_every: int = 10
+    """Steps between log lines (metrics.jsonl and TensorBoard get every step)."""
+    fused_linear_ce: bool | Literal["auto"] = "auto"
+    """Compute the loss from the last hidden state and the LM head weight without materialising logits.
+    ``auto`` = on unless ZeRO-3 partitions the LM head weight (then the head module runs and the per-task
+    kernel reads its logits)."""
+    kernel_impl: Literal["auto", "triton", "torch"] = "auto"
+    """Implementation of the per-task loss kernels (``auto``: Triton on CUDA, PyTorch otherwise)."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars under run_dir/tensorboard."""
+
+    def validate(self) -> None:
+        check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        check(self.global_batch_size % self.micro_batch_size == 0 and self.global_batch_size > 0,
+              "train.global_batch_size",
+              f"{self.global_batch_size} is not a positive multiple of train.micro_batch_size={self.micro_batch_size}")
+        check(self.zero_stage is None or 0 <= self.zero_stage <= 3, "train.zero_stage",
+              f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check(self.deepspeed_config is None or self.deepspeed_config.is_file(), "train.deepspeed_config",
+              f"file not found: {self.deepspeed_config}")
+        check(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
+        check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
+        check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class RunConfig:
+    """One training run: data, model, balancer, optimizer and loop settings, and where it all goes."""
+
+    run_dir: Path
+    """Output folder: config.yaml, tokenizer/, metrics.jsonl, tensorboard/, checkpoints/ (see the README)."""
+    data: DataConfig
+    """Prepared shards."""
+    model: ModelConfig
+    """The model (``mftcoder_coba.models.ModelConfig``): a local HF directory or a config for random init."""
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    """Task weighting."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, engine, checkpoint and logging settings."""
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (YAML/JSON), apply ``a.b=value`` overrides, build and validate the typed tree.
+
+    Relative paths in the file are taken relative to the current directory, as a user types them.
+    """
+    data = config_io.apply_overrides(config_io.load_mapping(path), list(overrides or []))
+    return config_io.build(RunConfig, data)
+

@@ -1,0 +1,123 @@
+"""Memory-mapped reader of prepared splits: the contract between data prep and the trainer.
+
+``PackedDataset(OUT / "train")`` maps every shard read-only (nothing is loaded up front, so many ranks can
+share one page cache), and returns rows as int64 NumPy arrays of length ``seq_len``: ``input_ids``,
+``labels`` (the next-token target, -100 where there is no loss), ``task_ids`` (-1 on padding) and
+``position_ids`` (restarting at 0 for every packed sample; padding forms its own segment). Labels are
+derived from the stored per-token loss flag, so they can never disagree with the input ids.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mftcoder_coba.data_prep import manifest as manifest_io
+from mftcoder_coba.data_prep.shards import row_dtype
+from mftcoder_coba.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+class PackedDataset:
+    """Rows of one prepared split (``OUT/train`` or ``OUT/valid``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = manifest_io.load(self.path)
+        self.seq_len: int = int(self.manifest["seq_len"])
+        self.tasks: list[str] = list(self.manifest["tasks"])
+        self.vocab_size: int = int(self.manifest["tokenizer"]["vocab_size"])
+        self.dtype = row_dtype(self.manifest["dtypes"], self.seq_len)
+        self._shards: list[np.memmap] = []
+        starts = [0]
+        for shard in self.manifest["shards"]:
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise UserError(f"{file}: shard listed in the manifest is missing")
+            size = file.stat().st_size
+            if size != shard["rows"] * self.dtype.itemsize:
+                raise UserError(f"{file}: {size} bytes, expected {shard['rows']} rows of {self.dtype.itemsize} bytes "
+                                "(truncated or from another run; run `mftcoder-coba verify`)")
+            self._shards.append(np.memmap(file, dtype=self.dtype, mode="r", shape=(shard["rows"],)))
+            starts.append(starts[-1] + shard["rows"])
+        self._starts = np.asarray(starts, dtype=np.int64)
+        if int(self._starts[-1]) != int(self.manifest["num_rows"]):
+            raise UserError(f"{self.path / manifest_io.MANIFEST}: shards hold {int(self._starts[-1])} rows, "
+                            f"manifest says {self.manifest['num_rows']}")
+        self._task_rows: list[np.ndarray] | None = None
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer the shards were made with: the copy inside OUT, else the original directory."""
+        info = self.manifest["tokenizer"]
+        for candidate in (self.path / info["dir"] if info.get("dir") else None, info.get("source")):
+            if candidate and Path(candidate).is_dir():
+                return Path(candidate).resolve()
+        return None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"row {index} out of range for {n} rows")
+        batch = self.rows(np.asarray([index % n], dtype=np.int64))
+        return {key: value[0] for key, value in batch.items()}
+
+    def _records(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row indices must lie in [0, {len(self)})")
+        out = np.empty(idx.size, dtype=self.dtype)
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = self._shards[s][idx[sel] - self._starts[s]]
+        return out
+
+    def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``idx`` stacked as ``(len(idx), seq_len)`` int64 arrays."""
+        rec = self._records(idx)
+        input_ids = rec["input_ids"].astype(np.int64)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        labels[:, :-1] = np.where(rec["loss"][:, :-1] != 0, input_ids[:, 1:], IGNORE_INDEX)
+        return {"input_ids": input_ids, "labels": labels, "task_ids": rec["task_ids"].astype(np.int64),
+                "position_ids": rec["position_ids"].astype(np.int64)}
+
+    def task_rows(self, task: int | str) -> np.ndarray:
+        """Rows holding tokens of ``task`` (an id or a name), ascending. In valid splits each row is one task."""
+        tid = self.tasks.index(task) if isinstance(task, str) else int(task)
+        if not 0 <= tid < len(self.tasks):
+            raise IndexError(f"task id {tid} out of range for {len(self.tasks)} tasks")
+        if self._task_rows is None:
+            found: list[list[np.ndarray]] = [[] for _ in self.tasks]
+            for start, shard in zip(self._starts, self._shards):
+                for lo in range(0, len(shard), 4096):  # bounded memory on large splits
+                    tasks = np.asarray(shard[lo : lo + 4096]["task_ids"])
+                    for t in range(len(self.tasks)):
+                        hit = np.flatnonzero((tasks == t).any(axis=1))
+                        if hit.size:
+                            found[t].append(hit.astype(np.int64) + start + lo)
+            self._task_rows = [np.concatenate(f) if f else np.zeros(0, dtype=np.int64) for f in found]
+        return self._task_rows[tid]
+
+    def rank_order(self, epoch: int, rank: int, world_size: int, seed: int) -> np.ndarray:
+        """This rank's rows for ``epoch``: a fresh seeded permutation each epoch, dealt round-robin to ranks.
+
+        Every rank gets the same number of rows (``ceil(len / world_size)``): when the split does not divide
+        evenly, the permutation wraps around, so every row is visited every epoch and ranks stay in step.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        n = len(self)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        perm = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+        per_rank = -(-n // world_size)
+        total = per_rank * world_size
+        if total > n:
+            perm = np.concatenate([perm, perm[np.arange(total - n) % n]])
+        return perm[rank::world_size]

@@ -1,0 +1,180 @@
+"""Build the model a run trains: a transformers causal LM, optionally with LoRA, QLoRA or CGC-LoRA adapters.
+
+:func:`check_model` does every check that can fail because of the user's config or machine (model
+directory, model type, tokenizer/embedding vocabulary, CUDA and bitsandbytes for QLoRA, flash-attn) from
+the config alone, so the trainer can call it before any expensive work; :func:`build_model` runs it again
+and then loads or initialises the weights.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from mftcoder_coba.errors import ConfigError, UserError
+from mftcoder_coba.models.attention import resolve_attn_implementation
+from mftcoder_coba.models.config import LoraOptions, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def torch_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The ``torch.dtype`` named by ``cfg.dtype``."""
+    return DTYPES[cfg.dtype]
+
+
+def check_model(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    """The transformers config ``cfg`` describes, after checking everything a build would need.
+
+    ``vocab_size`` is the tokenizer's (the shards' token ids are below it): the model's embedding table must
+    have at least that many rows. For a ``model_config`` without ``vocab_size``, the tokenizer's is used.
+    """
+    if cfg.adapter == "qlora":
+        _require_qlora()
+    hf_config = _load_hf_config(cfg, vocab_size)
+    rows = hf_config.get_text_config().vocab_size
+    if rows < vocab_size:
+        where = "model.path" if cfg.path is not None else "model.model_config.vocab_size"
+        raise ConfigError(
+            f"config field '{where}': the tokenizer has {vocab_size} tokens but the model's embeddings have only "
+            f"{rows} rows; use the model's own tokenizer to prepare the data (or a model_config with "
+            f"vocab_size >= {vocab_size})"
+        )
+    resolve_attn_implementation(cfg.attn_implementation, torch_dtype(cfg))
+    return hf_config
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
+    """The model to train, in training mode, with exactly the parameters to train marked ``requires_grad``.
+
+    Full fine-tuning trains every parameter; ``lora``/``qlora``/``cgc_lora`` freeze the base and train the
+    adapters only. The model stays on the CPU except for QLoRA, whose 4-bit weights live on the current CUDA
+    device; the trainer (DeepSpeed) places the rest.
+    """
+    hf_config = check_model(cfg, vocab_size)
+    dtype = torch_dtype(cfg)
+    attn = resolve_attn_implementation(cfg.attn_implementation, dtype)
+    if cfg.path is not None:
+        model = _load_pretrained(cfg, hf_config, dtype, attn)
+    else:
+        log.info("building a random-init %s model (seed %d, %s, attention %s)", hf_config.model_type, cfg.init_seed,
+                 cfg.dtype, attn)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = AutoModelForCausalLM.from_config(
+                hf_config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+            )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing and cfg.adapter != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _add_adapter(model, cfg, num_tasks)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("model: %.1fM parameters, %.2fM trainable (%s)", total / 1e6, trainable / 1e6, cfg.adapter)
+    return model
+
+
+def _peft_lora_config(options: LoraOptions):
+    """peft's ``LoraConfig`` for ``options`` (the causal-LM task type)."""
+    from peft import LoraConfig
+
+    targets: str | list[str] = options.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=targets,
+        modules_to_save=list(options.modules_to_save) or None,
+    )
+
+
+def _add_adapter(model: nn.Module, cfg: ModelConfig, num_tasks: int) -> nn.Module:
+    if cfg.adapter == "none":
+        return model
+    if cfg.adapter == "cgc_lora":
+        from mftcoder_coba.models.cgc_lora import apply_cgc_lora
+
+        return apply_cgc_lora(model, cfg.cgc_lora, num_tasks)
+    from peft import get_peft_model
+
+    try:
+        # Adapters keep the base's dtype: one dtype per engine, DeepSpeed keeps fp32 master weights itself.
+        return get_peft_model(model, _peft_lora_config(cfg.lora), autocast_adapter_dtype=False)
+    except ValueError as exc:
+        raise ConfigError(f"config field 'model.lora.target_modules': {exc}") from None
+
+
+def _load_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"config field 'model.path': {path}: not a model directory (no config.json)")
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        except (ValueError, OSError, KeyError) as exc:
+            raise ConfigError(f"config field 'model.path': {path}/config.json: {str(exc).splitlines()[0]}") from None
+    data = dict(cfg.model_config or {})
+    model_type = data.pop("model_type")
+    data.setdefault("vocab_size", vocab_size)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise ConfigError(f"config field 'model.model_config.model_type': {str(exc).splitlines()[0]}") from None
+    if type(hf_config) not in AutoModelForCausalLM._model_mapping:
+        raise ConfigError(f"config field 'model.model_config.model_type': {model_type!r} has no causal-LM class")
+    return hf_config
+
+
+def _require_qlora() -> None:
+    if not torch.cuda.is_available():
+        raise UserError(
+            "config field 'model.adapter': 'qlora' needs a CUDA device (bitsandbytes' 4-bit kernels); "
+            "use 'lora' on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "config field 'model.adapter': 'qlora' needs bitsandbytes: pip install 'mftcoder-coba[qlora]'"
+        )
+
+
+def _load_pretrained(cfg: ModelConfig, hf_config: PretrainedConfig, dtype: torch.dtype, attn: str) -> nn.Module:
+    """The weights of ``cfg.path``; for QLoRA in 4-bit NF4 (double quantisation, compute in ``dtype``) on the
+    current CUDA device, prepared for k-bit training."""
+    quantized: dict = {}
+    if cfg.adapter == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quantized = {
+            "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": torch.cuda.current_device()},
+        }
+    log.info("loading %s (%s%s, attention %s)", cfg.path, cfg.dtype, ", 4-bit NF4" if quantized else "", attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.path,
+        config=hf_config,
+        dtype=dtype,
+        attn_implementation=attn,
+        local_files_only=True,
+        trust_remote_code=cfg.trust_remote_code,
+        **quantized,
+    )
+    if not quantized:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )

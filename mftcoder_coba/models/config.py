@@ -1,0 +1,92 @@
+"""The ``model`` section of a run configuration: which causal LM to train and how (adapters, dtype, attention).
+
+Checks here are pure config checks (field ranges, one model source); checks that need the file system or
+the machine (the model directory exists, its vocabulary covers the tokenizer, CUDA and bitsandbytes for
+QLoRA) run in :func:`mftcoder_coba.models.build.check_model`, still before any weights are loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mftcoder_coba.config_io import check
+from mftcoder_coba.models.cgc_lora import CgcLoraConfig
+
+Dtype = Literal["bf16", "fp32"]
+AttnImplementation = Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"]
+Adapter = Literal["none", "lora", "qlora", "cgc_lora"]
+
+
+@dataclass
+class LoraOptions:
+    """LoRA hyper-parameters, used by ``adapter: lora`` and ``adapter: qlora`` (peft's ``LoraConfig``)."""
+
+    r: int = 16
+    """Rank of each low-rank update ``B @ A``."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout applied to the adapter's input during training (0 disables it and keeps runs deterministic)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (suffixes) to adapt, e.g. ``[q_proj, v_proj]``; ``[all-linear]`` adapts every linear layer
+    of the decoder except the output head (peft's rule), which fits any architecture."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters and saved with them (e.g. ``[embed_tokens, lm_head]``
+    when new tokens were added)."""
+
+    def validate(self) -> None:
+        check(self.r > 0, "model.lora.r", f"must be > 0, got {self.r}")
+        check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(len(self.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    """Which transformers causal LM to train, in which precision, with which attention and adapter."""
+
+    path: str | None = None
+    """Local Hugging Face model directory (``config.json`` + weights). Loaded offline. Exclusive with
+    ``model_config``."""
+    model_config: dict[str, Any] | None = None
+    """A transformers config as a mapping including ``model_type`` (e.g. ``{model_type: llama,
+    hidden_size: 256, ...}``): the model is built from it with random weights (demo, tests, benchmarks).
+    ``vocab_size`` defaults to the tokenizer's. Exclusive with ``path``."""
+    init_seed: int = 0
+    """Seed of the random initialisation of a ``model_config`` model (the same seed gives the same weights)."""
+    dtype: Dtype = "bf16"
+    """Parameter dtype: ``bf16`` on GPUs, ``fp32`` for CPU runs and exact tests."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention kernel. ``auto``: ``flash_attention_2`` (varlen over the packed samples) when flash-attn is
+    installed and CUDA is present, else ``flex_attention`` (a document-causal BlockMask) on a GPU, else
+    ``sdpa`` with a block-diagonal causal mask (FlexAttention has no CPU backward). Every choice confines
+    attention to each packed sample, derived from the position ids."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass: less memory, about a third more compute."""
+    adapter: Adapter = "none"
+    """``none``: full fine-tuning. ``lora``: peft LoRA on a frozen base. ``qlora``: LoRA on a 4-bit NF4 base
+    (bitsandbytes, CUDA, needs ``path``). ``cgc_lora``: task-gated LoRA experts (CGC-LoRA, section ``cgc_lora``)."""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    """LoRA options for ``adapter: lora`` and ``adapter: qlora``."""
+    cgc_lora: CgcLoraConfig = field(default_factory=CgcLoraConfig)
+    """CGC-LoRA options for ``adapter: cgc_lora``."""
+    trust_remote_code: bool = False
+    """Allow a local model directory's own modelling code (``auto_map`` in its config) to run."""
+
+    def validate(self) -> None:
+        check(
+            (self.path is None) != (self.model_config is None),
+            "model.path",
+            "set exactly one of 'model.path' (a local model directory) and 'model.model_config' (random init)",
+        )
+        if self.model_config is not None:
+            check(
+                isinstance(self.model_config.get("model_type"), str),
+                "model.model_config.model_type",
+                "required: the transformers model type, e.g. 'llama'",
+            )
+        check(
+            self.adapter != "qlora" or self.path is not None,
+            "model.adapter",
+            "'qlora' quantises pretrained weights and needs 'model.path'; use 'lora' with 'model_config'",
+        )

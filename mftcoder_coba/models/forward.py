@@ -1,0 +1,56 @@
+"""The two views of a model the trainer's loss needs: the final hidden states of packed rows, and the LM head.
+
+The loss kernels take the hidden states and the head weight separately (the fused linear cross-entropy
+never materialises logits), so the trainer never calls the causal LM's own ``forward``. These helpers see
+through the wrappers a model may carry (DeepSpeed engine or DDP, peft) to the transformers model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from mftcoder_coba.models.attention import FLASH, varlen_kwargs
+from mftcoder_coba.models.cgc_lora import cgc_layers, set_task_ids
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers causal LM inside ``model`` (unwrapping DeepSpeed/DDP ``.module`` and peft)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):  # peft.PeftModel
+        model = get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"expected a transformers model (optionally wrapped), got {type(model).__name__}")
+    return model
+
+
+def hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    task_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, L, H) output of the decoder's final norm for packed rows ``input_ids`` (B, L).
+
+    ``position_ids`` restart at 0 at every packed sample; attention is confined to each sample (see
+    :mod:`mftcoder_coba.models.attention`). ``task_ids`` (B, L) feed CGC-LoRA's gates when the model has
+    CGC layers; they stay set after the call so a gradient-checkpointed backward recomputes with them.
+    """
+    lm = causal_lm(model)
+    if task_ids is not None and cgc_layers(lm):
+        set_task_ids(lm, task_ids)
+    batch, length = input_ids.shape
+    extra: dict = {}
+    if lm.config._attn_implementation == FLASH:
+        extra = varlen_kwargs(position_ids)
+        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+    out = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+    return out[0].reshape(batch, length, -1)
+
+
+def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's ``(V, H)`` weight and its bias (None for the usual bias-free heads)."""
+    head = causal_lm(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)

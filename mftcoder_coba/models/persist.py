@@ -1,0 +1,134 @@
+"""Saving what a run trains, and loading a trained run back as one model (for export, evaluation, fusion).
+
+A checkpoint's ``model/`` folder holds only what was trained: a full transformers model directory for full
+fine-tuning, a peft adapter directory for LoRA/QLoRA, or CGC-LoRA's own format. The frozen base of an
+adapter run is the ``model.path`` directory, or ``run_dir/base_model`` when the base was built from a
+``model_config`` (the trainer writes it once with :func:`save_base_model`).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from mftcoder_coba import config_io
+from mftcoder_coba.errors import ConfigError, UserError
+from mftcoder_coba.models import cgc_lora
+from mftcoder_coba.models.attention import FLASH, flash_attn_available, resolve_attn_implementation
+from mftcoder_coba.models.build import torch_dtype
+from mftcoder_coba.models.config import ModelConfig
+from mftcoder_coba.models.forward import causal_lm
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+
+def save_trainable(model: nn.Module, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the trained parameters of ``model`` to ``out_dir``.
+
+    ``state_dict``: the model's full state dict when the live parameters are not complete on this rank (a
+    ZeRO-3 consolidated state dict, keys as in ``model.state_dict()``); by default the model's own.
+    """
+    out_dir = Path(out_dir)
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    lm = causal_lm(model)
+    if cgc_lora.cgc_layers(lm):
+        cgc_lora.save_cgc(lm, out_dir, state_dict)
+    elif lm is not model:  # peft: only the adapter weights, in peft's directory format
+        model.save_pretrained(str(out_dir), state_dict=state_dict, save_embedding_layers=False)
+    else:
+        model.save_pretrained(str(out_dir), state_dict=state_dict)
+
+
+def save_base_model(model: nn.Module, out_dir: str | Path) -> None:
+    """Write the frozen base of an adapter model as a plain transformers directory (adapters left out)."""
+    lm = causal_lm(model)
+    if cgc_lora.cgc_layers(lm):
+        cgc_lora.save_base_model(lm, out_dir)
+        return
+    state = {}
+    for key, value in lm.state_dict().items():
+        if ".lora_" in key or ".modules_to_save." in key:
+            continue
+        state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    lm.save_pretrained(str(out_dir), state_dict=state)
+
+
+def run_model_config(run_dir: str | Path) -> ModelConfig:
+    """The ``model`` section of ``run_dir/config.yaml`` as a :class:`ModelConfig`."""
+    path = Path(run_dir) / "config.yaml"
+    data = config_io.load_mapping(path)
+    try:
+        return config_io.build(ModelConfig, data.get("model"), prefix="model.")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint ``run_dir/checkpoints/step-N`` (incomplete ones carry other names)."""
+    folder = Path(run_dir) / "checkpoints"
+    entries = folder.iterdir() if folder.is_dir() else []
+    found = sorted((int(m.group(1)), p) for p in entries if (m := CHECKPOINT_NAME.match(p.name)))
+    if not found:
+        raise UserError(f"{folder}: no complete checkpoint (step-N) found")
+    return found[-1][1]
+
+
+def model_dir_of(run_dir: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
+    """The saved-model folder of a checkpoint (``<checkpoint>/model``); the newest checkpoint by default.
+
+    ``checkpoint_dir`` may name the checkpoint (``.../step-N``) or its ``model/`` folder itself.
+    """
+    checkpoint = latest_checkpoint(run_dir) if checkpoint_dir is None else Path(checkpoint_dir)
+    for candidate in (checkpoint / "model", checkpoint):
+        if candidate.is_dir() and any(candidate.glob("*.json")):
+            return candidate
+    raise UserError(f"{checkpoint}: not a checkpoint (no saved model in it or in its model/ folder)")
+
+
+def load_trained(run_dir: str | Path, checkpoint_dir: str | Path | None = None) -> nn.Module:
+    """Rebuild a run's model from ``run_dir/config.yaml`` and load a checkpoint's trained weights into it.
+
+    Returns the model in eval mode, on the CPU, in the run's dtype: a transformers model (full fine-tuning),
+    a ``peft.PeftModel`` (LoRA; for QLoRA the base is loaded unquantised, so the result merges exactly), or
+    the base with CGC-LoRA layers. flash-attention runs load with ``sdpa`` where flash-attn is missing.
+    """
+    run_dir = Path(run_dir)
+    cfg = run_model_config(run_dir)
+    model_dir = model_dir_of(run_dir, checkpoint_dir)
+    options = {
+        "dtype": torch_dtype(cfg),
+        "attn_implementation": _loadable_attention(cfg),
+        "local_files_only": True,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.adapter == "none":
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **options)
+    else:
+        base_dir = Path(cfg.path) if cfg.path is not None else run_dir / "base_model"
+        if not (base_dir / "config.json").is_file():
+            raise UserError(f"{base_dir}: the base model of this {cfg.adapter} run is missing")
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **options)
+        if cfg.adapter == "cgc_lora":
+            cgc_config, num_tasks = cgc_lora.load_cgc_config(model_dir)
+            cgc_lora.apply_cgc_lora(model, cgc_config, num_tasks)
+            cgc_lora.load_cgc(model, model_dir)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
+    log.info("loaded %s (%s) from %s", type(causal_lm(model)).__name__, cfg.adapter, model_dir)
+    return model.eval()
+
+
+def _loadable_attention(cfg: ModelConfig) -> str:
+    requested = cfg.attn_implementation
+    if requested == FLASH and not flash_attn_available():
+        requested = "auto"
+    return resolve_attn_implementation(requested, torch_dtype(cfg))

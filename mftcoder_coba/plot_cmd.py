@@ -1,0 +1,153 @@
+"""``mftcoder-coba plot RUN_DIR``: pictures of what the balancer did, from the run's metrics files.
+
+Writes PNGs to ``RUN_DIR/plots`` (or ``--out``): held-out loss per task and task weight per task over the
+optimizer steps, and the training loss (total and per task), from ``metrics.jsonl``; and, for a ColD Fusion
+run, the fused model's held-out loss per task over the iterations from ``fusion_metrics.jsonl``. Rendering
+uses matplotlib's Agg canvas (no display needed); each PNG is written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from mftcoder_coba.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+FUSION_METRICS = "fusion_metrics.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl (or fusion_metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
+
+
+def main(args: argparse.Namespace) -> int:
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+# field of a metrics.jsonl line -> (PNG name, title, y label)
+PLOTS = {
+    "valid_loss": ("valid_loss.png", "held-out loss per task", "held-out loss"),
+    "weights": ("weights.png", "task weight per task", "weight"),
+    "train_loss": ("train_loss.png", "training loss per task (weighted objective dashed)", "training loss"),
+}
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the PNGs for a run and return their paths; errors name the metrics file and line."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    metrics, fusion = run_dir / METRICS, run_dir / FUSION_METRICS
+    if not metrics.is_file() and not fusion.is_file():
+        raise UserError(f"{metrics}: not found (is {run_dir} a run directory?)")
+    figures = []
+    if metrics.is_file():
+        records = read_jsonl(metrics, required={"step": "number"})
+        for field, (name, title, ylabel) in PLOTS.items():
+            steps, series = per_task_series(records, "step", field, metrics)
+            if steps:
+                total = None
+                if field == "train_loss":
+                    total = ([float(r["step"]) for r in records], [_number(r.get("loss")) for r in records])
+                figures.append((name, _per_task_figure(steps, series, title, "optimizer step", ylabel, total)))
+        if not figures:
+            raise UserError(f"{metrics}: no line has per-task 'valid_loss', 'weights' or 'train_loss'")
+    if fusion.is_file():
+        records = read_jsonl(fusion, required={"iteration": "number", "valid_loss": "mapping"})
+        iterations, series = per_task_series(records, "iteration", "valid_loss", fusion)
+        figures.append(("fusion_valid_loss.png", _per_task_figure(
+            iterations, series, "ColD Fusion: fused model's held-out loss per task", "iteration", "held-out loss")))
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_save(fig, out / name) for name, fig in figures]
+    log.info("wrote %d plots to %s", len(written), out)
+    return written
+
+
+def read_jsonl(path: Path, required: dict[str, str]) -> list[dict[str, Any]]:
+    """Parse a metrics JSONL file; every line must be an object with the ``required`` fields and kinds."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            for field, kind in required.items():
+                value = record.get(field)
+                ok = isinstance(value, dict) if kind == "mapping" else _is_number(value)
+                if not ok:
+                    problem = "missing" if field not in record else f"must be a {kind}, got {value!r}"
+                    raise UserError(f"{path}:{number}: field '{field}' {problem}")
+            record["_line"] = number
+            records.append(record)
+    if not records:
+        raise UserError(f"{path}: no metrics in the file (empty)")
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
+
+
+def per_task_series(records: list[dict[str, Any]], x: str, field: str,
+                    path: Path) -> tuple[list[float], dict[str, list[float]]]:
+    """The ``x`` values of the lines that carry ``field`` (a task -> number|null mapping) and, per task in
+    order of first appearance, its values on those lines (null or absent -> NaN, a gap in the plot)."""
+    lines = [r for r in records if r.get(field) is not None]
+    tasks: list[str] = []
+    for record in lines:
+        values = record[field]
+        if not isinstance(values, dict):
+            raise UserError(f"{path}:{record['_line']}: field '{field}' must be a mapping of task -> number")
+        for task, value in values.items():
+            if value is not None and not _is_number(value):
+                raise UserError(f"{path}:{record['_line']}: field '{field}.{task}' must be a number or null, "
+                                f"got {value!r}")
+            if task not in tasks:
+                tasks.append(task)
+    series = {task: [_number(record[field].get(task)) for record in lines] for task in tasks}
+    return [float(record[x]) for record in lines], series
+
+
+def _per_task_figure(x: list[float], series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
+                     total: tuple[list[float], list[float]] | None = None):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for task, values in series.items():
+        ax.plot(x, values, marker="o" if len(x) <= 30 else None, markersize=3, label=task)
+    if total is not None:
+        ax.plot(total[0], total[1], color="black", linestyle="--", linewidth=1.2, label="objective")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series or total is not None:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,80 @@
+"""Process-group set-up and the few collectives the trainer needs, the same with or without a launcher.
+
+Under torchrun or the deepspeed launcher the environment carries RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT. A plain ``python`` process (tests, the demo, ColD Fusion contributors run in
+turn) has none of them, so :func:`init` fills single-process defaults with a free local port. The group
+is created once per process (``train`` may run several times) with NCCL on CUDA and gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """Rank and size as the launcher set them (single process without one); no process group needed.
+
+    Used before anything expensive so the batch/world-size check can fail fast.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-process group's MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init() -> World:
+    """Create the process group once (via DeepSpeed so its comm layer knows it) and return the world."""
+    import deepspeed  # heavy import, deferred until a run really starts
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    world = world_from_env()
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return world
+
+
+def all_reduce_sum(values: np.ndarray, world: World) -> np.ndarray:
+    """Sum a small float64 array over all ranks (one collective) and return it as NumPy."""
+    if world.size == 1:
+        return np.asarray(values, dtype=np.float64)
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=world.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()

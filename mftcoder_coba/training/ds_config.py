@@ -1,0 +1,88 @@
+"""The DeepSpeed engine configuration and learning-rate schedule built from a RunConfig.
+
+``train.deepspeed_config`` (e.g. ``launch/ds_zero2.json``) may supply engine details: ZeRO bucket sizes,
+overlap, offload, communication options. These keys are then always set from the RunConfig, overriding the
+file: ``train_batch_size`` (global_batch_size), ``train_micro_batch_size_per_gpu`` (micro_batch_size),
+``gradient_accumulation_steps`` (global / (micro x world)), ``gradient_clipping`` (optim.max_grad_norm),
+``bf16.enabled`` (model.dtype == bf16), ``zero_optimization.stage`` (train.zero_stage when set) and
+``optimizer`` (PyTorch AdamW via ``torch_adam``: no DeepSpeed C++ op is compiled). A ``scheduler`` section in
+the file is refused: the schedule is :func:`lr_factor`, given to the engine as a LambdaLR.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from mftcoder_coba.config import OptimConfig, RunConfig
+from mftcoder_coba.errors import ConfigError
+
+
+def load_file(cfg: RunConfig) -> dict[str, Any]:
+    """The user's DeepSpeed JSON (empty without one); errors name the file."""
+    path = cfg.train.deepspeed_config
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config field 'train.deepspeed_config': cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field 'train.deepspeed_config': {path} must hold a JSON object")
+    if "scheduler" in data:
+        raise ConfigError(f"config field 'train.deepspeed_config': {path} has a 'scheduler' section; the "
+                          "schedule comes from the run config's 'optim' section")
+    return data
+
+
+def zero_stage(cfg: RunConfig) -> int:
+    """The ZeRO stage in effect: train.zero_stage, else the file's, else 0."""
+    if cfg.train.zero_stage is not None:
+        return cfg.train.zero_stage
+    return int(load_file(cfg).get("zero_optimization", {}).get("stage", 0))
+
+
+def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
+    """The complete DeepSpeed config dict for this run and world size."""
+    ds = load_file(cfg)
+    t, o = cfg.train, cfg.optim
+    ds["train_batch_size"] = t.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * world_size)
+    ds["gradient_clipping"] = o.max_grad_norm
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.dtype == "bf16"}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage(cfg)}
+    fused = on_cuda if o.fused == "auto" else o.fused
+    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                              "torch_adam": True}
+    if fused:
+        params["fused"] = True
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own step lines out
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: matrices decay, vectors (norms, biases) do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Multiplier of optim.lr for the optimizer step with 0-based index ``step``.
+
+    Linear warm-up (step+1)/warmup_steps, then cosine from 1 to min_lr_ratio at the last step (or constant).
+    """
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - 1 - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

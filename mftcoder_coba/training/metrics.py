@@ -1,0 +1,110 @@
+"""Per-step metrics: ``run_dir/metrics.jsonl`` (the contract plot/export/fusion read), TensorBoard, MFU.
+
+One JSON object per optimizer step::
+
+    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "train_loss": {task: float|null},
+     "weights": {task: float}, "valid_loss": {task: float|null}, "valid_s": float}
+
+``valid_loss`` appears only on lines where held-out losses were measured, with ``valid_s``, the seconds those
+held-out forwards took (part of the step time; how CoBa's cost is read); the step-0 line holds L_k(0)
+(and the initial weights; its step-only fields are null). ``mfu`` is null off GPU. Only rank 0 writes.
+A resumed run first drops the lines after its checkpoint, so the file reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Dense bf16 peak (no sparsity) by device-name fragment, FLOP/s.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None off GPU / for an unlisted GPU (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters in matmuls) + 12 x layers x hidden x seq_len (attention).
+
+    The input embedding is a lookup, not a matmul, so it is left out (the LM head is counted even when tied).
+    The attention term is the usual full-sequence count (PaLM/Megatron convention), also for packed rows.
+    """
+    from mftcoder_coba.models import causal_lm
+
+    lm = causal_lm(model)
+    params = sum(p.numel() for p in lm.parameters())
+    params -= lm.get_input_embeddings().weight.numel()
+    params += lm.get_output_embeddings().weight.numel() if lm.config.tie_word_embeddings else 0
+    text = lm.config.get_text_config()
+    return 6.0 * params + 12.0 * text.num_hidden_layers * text.hidden_size * seq_len
+
+
+def _named(tasks: list[str], values: np.ndarray) -> dict[str, float | None]:
+    return {t: (None if not math.isfinite(float(v)) else float(v)) for t, v in zip(tasks, values)}
+
+
+class MetricsLog:
+    """Writes metrics.jsonl and TensorBoard scalars on rank 0 (a no-op object elsewhere)."""
+
+    def __init__(self, run_dir: Path, tasks: list[str], *, enabled: bool, tensorboard: bool,
+                 resume_step: int | None) -> None:
+        self.tasks = tasks
+        self.enabled = enabled
+        self.writer = None
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.file = self.path.open("a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+
+    def write(self, step: int, *, weights: np.ndarray, loss: float | None = None, lr: float | None = None,
+              grad_norm: float | None = None, tokens_per_s: float | None = None, mfu: float | None = None,
+              train_loss: np.ndarray | None = None, valid_loss: np.ndarray | None = None,
+              valid_s: float | None = None) -> dict[str, Any]:
+        """Append the line of ``step`` (and its scalars); returns the record."""
+        record: dict[str, Any] = {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "train_loss": _named(self.tasks, train_loss) if train_loss is not None else {t: None for t in self.tasks},
+            "weights": _named(self.tasks, weights),
+        }
+        if valid_loss is not None:
+            record["valid_loss"] = _named(self.tasks, valid_loss)
+            if valid_s is not None:
+                record["valid_s"] = valid_s
+        if not self.enabled:
+            return record
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if record[key] is not None:
+                    self.writer.add_scalar(key, record[key], step)
+            for group in ("train_loss", "weights", "valid_loss"):
+                for task, value in record.get(group, {}).items():
+                    if value is not None:
+                        self.writer.add_scalar(f"{group}/{task}", value, step)
+        return record
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()

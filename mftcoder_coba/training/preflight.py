@@ -1,0 +1,102 @@
+"""Every check a run can fail on because of its config, done before the process group, model or engine exist.
+
+Order matters only for the message the user sees first: shards, then balancer, then model/vocabulary, then
+batch shape against the world size, then the resume request (its checkpoint must hold the same tasks). Each failure is one ``ConfigError`` line
+naming the field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mftcoder_coba.balancers import Balancer, build_balancer
+from mftcoder_coba.config import RunConfig
+from mftcoder_coba.config_io import check
+from mftcoder_coba.data import PackedDataset
+from mftcoder_coba.errors import ConfigError, UserError
+from mftcoder_coba.models import check_model
+from mftcoder_coba.training import checkpoint, ds_config
+
+
+@dataclass
+class Plan:
+    """What the checks established: the opened splits, the balancer, the ZeRO stage, where to resume."""
+
+    train: PackedDataset
+    valid: PackedDataset | None
+    balancer: Balancer
+    zero_stage: int
+    resume_from: Path | None
+
+
+def _open_split(path: Path, field: str) -> PackedDataset:
+    check((path / "manifest.json").is_file(), field,
+          f"{path}: no prepared split here (manifest.json missing; run 'mftcoder-coba prep')")
+    try:
+        return PackedDataset(path)
+    except UserError as exc:
+        raise ConfigError(f"config field '{field}': {exc}") from None
+
+
+def balancer_options(options: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """Options with every task-keyed mapping turned into a list in task-id order (names checked)."""
+    resolved = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(tasks))
+            missing = [t for t in tasks if t not in value]
+            check(not unknown, f"balancer.options.{key}",
+                  f"task(s) {', '.join(unknown)} not in the shards (tasks: {', '.join(tasks)})")
+            check(not missing, f"balancer.options.{key}",
+                  f"no entry for task(s) {', '.join(missing)} of the shards")
+            value = [value[t] for t in tasks]
+        resolved[key] = value
+    return resolved
+
+
+def resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
+    """The checkpoint to continue from: ``auto`` = newest complete one (None if there is none), or a path."""
+    found = checkpoint.complete_checkpoints(cfg.run_dir)
+    if resume is None:
+        if found:
+            raise UserError(f"{cfg.run_dir} already holds checkpoints ({found[-1].name}); pass --resume auto to "
+                            "continue it or choose another run_dir")
+        return None
+    if resume == "auto":
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume {resume}: not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
+    """All checks; returns the :class:`Plan` the trainer starts from."""
+    train = _open_split(cfg.data.train, "data.train")
+    balancer = build_balancer(cfg.balancer.name, len(train.tasks), balancer_options(cfg.balancer.options, train.tasks))
+    valid = None
+    if cfg.data.valid is not None:
+        valid = _open_split(cfg.data.valid, "data.valid")
+        check(valid.tasks == train.tasks, "data.valid",
+              f"tasks {valid.tasks} differ from the training split's {train.tasks}")
+        check(valid.vocab_size == train.vocab_size and valid.seq_len == train.seq_len, "data.valid",
+              "was prepared with another tokenizer or sequence length than data.train")
+    check(valid is not None or not balancer.needs.validation, "data.valid",
+          f"balancer '{cfg.balancer.name}' measures held-out loss: set data.valid to the prepared valid/ split")
+    check_model(cfg.model, train.vocab_size)
+    stage = ds_config.zero_stage(cfg)
+    check(not (balancer.needs.grad_norms and stage == 3), "balancer.name",
+          f"'{cfg.balancer.name}' needs per-task gradients of the LM head, which ZeRO-3 partitions; use zero_stage <= 2")
+    t = cfg.train
+    check(t.global_batch_size % (t.micro_batch_size * world_size) == 0, "train.global_batch_size",
+          f"{t.global_batch_size} rows do not split over {world_size} ranks x micro_batch_size {t.micro_batch_size}")
+    check(len(train) >= t.global_batch_size, "train.global_batch_size",
+          f"{t.global_batch_size} is more than the {len(train)} training rows")
+    resume_from = resolve_resume(cfg, resume)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
+        check(saved.get("tasks") == train.tasks, "data.train",
+              f"tasks {train.tasks} differ from those of checkpoint {resume_from} ({saved.get('tasks')})")
+    return Plan(train=train, valid=valid, balancer=balancer, zero_stage=stage, resume_from=resume_from)

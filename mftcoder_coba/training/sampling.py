@@ -1,0 +1,91 @@
+"""Which rows each rank reads at each optimizer step, and which held-out rows each balancer update reads.
+
+Training order: one global shuffled order of all rows per epoch (the data reader's order for a single
+reader, seeded by ``train.seed`` and the epoch). Step ``s`` takes the next ``global_batch_size`` rows of it;
+rank ``r`` of ``W`` takes the r-th contiguous slice, cut into micro-batches. The global batch of a step is
+therefore the same for any world size, which is what lets a 2-rank run reproduce a 1-rank run exactly (and a
+run resume on a different number of ranks). The rows left over at the end of an epoch (fewer than a global
+batch) are skipped; the position (epoch, index) is part of the checkpoint.
+
+Held-out samples: for each task, its held-out rows in a fixed seeded order, read in rotation
+(``valid_rows_per_task`` per update), so every task is measured at every update and over time every row is
+used; the rotation is a function of the update number alone, so it needs no saved state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mftcoder_coba.data import PackedDataset
+
+
+@dataclass
+class DataPosition:
+    """Where the next global batch starts: epoch number and row index within that epoch's order."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class GlobalBatches:
+    """The rows of successive global batches, sliced for one rank and cut into micro-batches."""
+
+    def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int,
+                 rank: int, world_size: int, seed: int, position: DataPosition | None = None) -> None:
+        if len(dataset) < global_batch_size:
+            raise ValueError(f"{len(dataset)} rows cannot fill one global batch of {global_batch_size}")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.position = position or DataPosition()
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = self.dataset.rank_order(epoch, 0, 1, self.seed)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_global_batch(self) -> np.ndarray:
+        """Row indices of the next step's whole global batch (the same on every rank); advances the position."""
+        if self.position.index + self.global_batch_size > len(self.dataset):
+            self.position = DataPosition(self.position.epoch + 1, 0)
+        start = self.position.index
+        batch = self._epoch_order(self.position.epoch)[start:start + self.global_batch_size]
+        self.position = DataPosition(self.position.epoch, start + self.global_batch_size)
+        return batch
+
+    def micro_batches(self, global_batch: np.ndarray) -> list[np.ndarray]:
+        """This rank's contiguous slice of ``global_batch``, cut into micro-batches."""
+        per_rank = self.global_batch_size // self.world_size
+        mine = global_batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [mine[i:i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+
+
+class HeldOutRotation:
+    """Stratified held-out samples: per task a fixed seeded order of its rows, read in rotation."""
+
+    def __init__(self, dataset: PackedDataset, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.dataset = dataset
+        self.task_rows = [rng.permutation(dataset.task_rows(t)) for t in range(len(dataset.tasks))]
+
+    def initial(self, rows_per_task: int | None) -> np.ndarray:
+        """Rows for the reference losses L_k(0): the first ``rows_per_task`` of each task (all if None)."""
+        return np.concatenate([rows[:rows_per_task] for rows in self.task_rows]).astype(np.int64)
+
+    def sample(self, update: int, rows_per_task: int) -> np.ndarray:
+        """Rows of update number ``update`` (1, 2, ...): the next ``rows_per_task`` of each task, wrapping
+        (never more than a task has)."""
+        picked = []
+        for rows in self.task_rows:
+            if len(rows):
+                count = min(rows_per_task, len(rows))
+                start = (update - 1) * count
+                picked.append(rows[np.arange(start, start + count) % len(rows)])
+        return np.concatenate(picked).astype(np.int64) if picked else np.empty(0, dtype=np.int64)

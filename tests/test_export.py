@@ -1,0 +1,88 @@
+"""``mftcoder-coba export``: runs made by the trainer become plain transformers directories (LoRA merged) with
+the tokenizer, written atomically; CGC-LoRA runs become the "1+N" layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import prepared, run_config  # noqa: F401  (session fixture)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mftcoder_coba.cli import main as cli
+from mftcoder_coba.errors import UserError
+from mftcoder_coba.export_cmd import export_run
+from mftcoder_coba.models import load_trained
+from mftcoder_coba.training import train
+
+
+@pytest.fixture(scope="module")
+def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+    """Two-step trainer runs (full, LoRA, CGC-LoRA) on the prepared demo shards."""
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for adapter in ("none", "lora", "cgc_lora"):
+        model = {"adapter": adapter, "lora": {"dropout": 0.0}, "cgc_lora": {"dropout": 0.0}}
+        made[adapter] = train(run_config(prepared, root / adapter, model=model, train={"max_steps": 2}))
+    return made
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_export_is_a_plain_model_equal_to_the_trained_one(runs: dict[str, Path], tmp_path: Path, adapter: str) -> None:
+    out = tmp_path / "model"
+    assert cli(["export", str(runs[adapter]), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not any("lora" in name for name in exported.state_dict())
+    assert exported.config.eos_token_id == tokenizer.eos_token_id and exported.config.use_cache
+    ids = torch.tensor([tokenizer("def add(a, b):\n    return a + b").input_ids])
+    trained = load_trained(runs[adapter])
+    torch.testing.assert_close(_logits(exported, ids), _logits(trained, ids), rtol=0, atol=1e-4)
+    assert not list(tmp_path.glob(".*"))  # no staging leftovers
+
+
+def test_lora_export_differs_from_the_base(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The merged adapters changed the weights (guards against exporting the bare base)."""
+    out = export_run(runs["lora"], tmp_path / "model")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    base = AutoModelForCausalLM.from_pretrained(runs["lora"] / "base_model")
+    assert (_logits(AutoModelForCausalLM.from_pretrained(out), ids) - _logits(base, ids)).abs().max() > 1e-4
+
+
+def test_cgc_lora_export_is_one_base_plus_an_adapter_per_task(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = export_run(runs["cgc_lora"], tmp_path / "cgc")
+    tasks = json.loads((runs["cgc_lora"] / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())["tasks"]
+    summary = json.loads((out / "export.json").read_text())
+    assert [t["name"] for t in summary["tasks"]] == tasks
+    assert (out / "base" / "config.json").is_file() and (out / "base" / "tokenizer.json").is_file()
+    assert all((out / "adapters" / t / "adapter_config.json").is_file() for t in tasks)
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failed_export(runs: dict[str, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert cli(["export", str(runs["none"]), "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not a checkpoint"):
+        export_run(runs["none"], out, tmp_path / "no-such-checkpoint", overwrite=True)
+    assert (out / "keep.txt").read_text() == "old"
+    export_run(runs["none"], out, runs["none"] / "checkpoints" / "step-00000002", overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_not_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"config.yaml: not found"):
+        export_run(tmp_path, tmp_path / "out")
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(UserError, match=r"tokenizer: not found"):
+        export_run(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

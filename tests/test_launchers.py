@@ -1,0 +1,41 @@
+"""The launchers on one host with CPU processes (gloo): ``single_node.sh`` with 2 processes and
+``multi_node.sh`` as two 1-process "nodes" on localhost finish with the metrics of one in-process run."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from train_fixtures import (REPO, assert_same_run, cpu_env, prepared, read_metrics, run_config,  # noqa: F401
+                            run_data, single_thread, write_config)
+
+from mftcoder_coba.training import train
+from mftcoder_coba.training.distributed import free_port
+
+SECTIONS = {"train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 4, "tensorboard": False,
+                      "deepspeed_config": str(REPO / "launch" / "ds_zero2.json")}}
+
+
+def _launch(script: str, args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(REPO / "launch" / script), *args], cwd=REPO, env=cpu_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.distributed
+def test_single_and_multi_node_launchers_match_one_process(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    single_cfg = write_config(tmp_path / "single.json", run_data(prepared, tmp_path / "single", **SECTIONS))
+    multi_cfg = write_config(tmp_path / "multi.json", run_data(prepared, tmp_path / "multi", **SECTIONS))
+    port = str(free_port())
+    procs = [_launch("single_node.sh", ["2", "--config", str(single_cfg)])]
+    procs += [_launch("multi_node.sh", ["--config", str(multi_cfg)], NNODES="2", NODE_RANK=str(rank),
+                      NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (0, 1)]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+
+    with single_thread():
+        one = train(run_config(prepared, tmp_path / "one", train={**SECTIONS["train"], "deepspeed_config": None}))
+    single, multi = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+    assert_same_run(single, multi, rel=1e-6)
+    assert_same_run(single, read_metrics(one), rel=1e-5, weights_rel=1e-3)
+    assert (tmp_path / "multi" / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()

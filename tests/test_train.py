@@ -1,0 +1,112 @@
+"""``train`` in-process (world size 1, gloo): the run directory contract, the held-out measurements CoBa is
+fed, checkpoints that reload to the same model, adapters on random init, and the learning balancers' wiring."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from train_fixtures import float64_token_ce, prepared, read_metrics, run_config  # noqa: F401  (fixture)
+
+from mftcoder_coba import config_io
+from mftcoder_coba.config import RunConfig
+from mftcoder_coba.data import PackedDataset
+from mftcoder_coba.models import build_model, load_trained
+from mftcoder_coba.training import train
+from mftcoder_coba.training.ds_config import lr_factor
+from mftcoder_coba.training.sampling import HeldOutRotation
+from mftcoder_coba.training.validation import evaluate_per_task
+
+
+def _float64_task_means(model: torch.nn.Module, dataset: PackedDataset, rows: np.ndarray) -> np.ndarray:
+    """Per-task token-mean cross-entropy over ``rows`` (float64 reference)."""
+    with torch.no_grad():
+        ce, tasks, counted = float64_token_ce(model, dataset, rows)
+    return np.array([ce[(tasks == k) & counted].mean().item() for k in range(len(dataset.tasks))])
+
+
+def test_coba_run_writes_the_run_directory_contract(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    cfg = run_config(prepared, tmp_path / "run",
+                     train={"max_steps": 4, "save_every": 1, "keep_last": 2},
+                     balancer={"update_interval": 2, "valid_rows_per_task": 2, "initial_rows_per_task": 3})
+    run_dir = train(cfg)
+    assert run_dir == cfg.run_dir
+    valid = PackedDataset(prepared / "valid")
+    tasks = valid.tasks
+    rotation = HeldOutRotation(valid, cfg.train.seed)
+
+    # config.yaml round-trips, the tokenizer travels with the run
+    assert config_io.build(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert any((run_dir / "tensorboard").iterdir())
+
+    lines = read_metrics(run_dir)
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4]
+    assert [("valid_loss" in r) for r in lines] == [True, False, True, False, True]
+    for r in lines:
+        assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "train_loss", "weights"}
+        assert list(r["weights"]) == tasks and sum(r["weights"].values()) == pytest.approx(1.0)
+        assert r["mfu"] is None
+    for r in lines[1:]:
+        assert r["lr"] == pytest.approx(cfg.optim.lr * lr_factor(r["step"] - 1, cfg.optim, cfg.train.max_steps))
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+        # the logged loss is the spec's L from the logged per-task losses and weights
+        present = [t for t in tasks if r["train_loss"][t] is not None]
+        weights = np.array([r["weights"][t] for t in present])
+        losses = np.array([r["train_loss"][t] for t in present])
+        assert r["loss"] == pytest.approx(float(weights @ losses / weights.sum()), rel=1e-9)
+    assert lines[1]["weights"] == {t: 0.25 for t in tasks}  # CoBa warm-up: uniform
+
+    # L_k(0): the first 3 held-out rows per task, measured before step 1, equal a float64 reference
+    initial = build_model(cfg.model, valid.vocab_size, len(tasks))
+    reference = _float64_task_means(initial, valid, rotation.initial(3))
+    np.testing.assert_allclose([lines[0]["valid_loss"][t] for t in tasks], reference, rtol=1e-5)
+
+    # keep-last-2 complete checkpoints; the last one reloads to the model that measured step 4's held-out loss
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000003", "step-00000004"]
+    last = run_dir / "checkpoints" / "step-00000004"
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["data_position"] == {"epoch": 0, "index": 16}
+    assert state["balancer"]["name"] == "coba" and (last / "rng" / "rank-00000.json").is_file()
+    trained = load_trained(run_dir, last)
+    sums, counts = evaluate_per_task(trained, valid, rotation.sample(2, 2), micro_batch_size=2)
+    np.testing.assert_allclose(sums / counts, [lines[4]["valid_loss"][t] for t in tasks], rtol=1e-6)
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    from mftcoder_coba.errors import UserError
+
+    cfg = run_config(prepared, tmp_path / "run", balancer={"name": "uniform", "options": {}},
+                     train={"max_steps": 1, "tensorboard": False})
+    train(cfg)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(cfg)
+    train(cfg, resume="auto")  # nothing left to do: returns at once
+    assert [r["step"] for r in read_metrics(cfg.run_dir)] == [0, 1]
+
+
+def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    cfg = run_config(prepared, tmp_path / "run", model={"adapter": "lora", "lora": {"r": 4, "dropout": 0.0}},
+                     balancer={"name": "uniform", "options": {}}, train={"max_steps": 2, "tensorboard": False})
+    run_dir = train(cfg)
+    assert (run_dir / "base_model" / "config.json").is_file()
+    last = run_dir / "checkpoints" / "step-00000002"
+    assert (last / "model" / "adapter_config.json").is_file()
+    model = load_trained(run_dir, last)
+    assert any("lora_" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["famo", "gradnorm", "uncertainty"])
+def test_learning_balancers_are_fed_and_checkpointed(prepared: Path, tmp_path: Path, name: str) -> None:  # noqa: F811
+    cfg = run_config(prepared, tmp_path / "run", balancer={"name": name, "options": {}},
+                     train={"max_steps": 2, "tensorboard": False})
+    run_dir = train(cfg)
+    lines = read_metrics(run_dir)
+    first, second = (np.array(list(lines[i]["weights"].values())) for i in (1, 2))
+    assert not np.allclose(first, second)  # observations moved the weights
+    state = json.loads((run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["balancer"]["name"] == name

@@ -1,0 +1,38 @@
+"""A run killed by SIGKILL after a checkpoint appeared, resumed with ``--resume auto``, logs the same per-step
+losses, held-out losses and CoBa weights as one uninterrupted run."""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from train_fixtures import (assert_same_run, cli, prepared, read_metrics, run_config, run_data,  # noqa: F401
+                            single_thread, write_config)
+
+from mftcoder_coba.training import train
+
+
+def test_killed_run_resumes_to_the_same_metrics(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    sections = {"train": {"max_steps": 24, "save_every": 3, "keep_last": 2, "tensorboard": False},
+                "balancer": {"update_interval": 2}}
+    data = run_data(prepared, tmp_path / "killed", **sections)
+    config = write_config(tmp_path / "run.json", data)
+
+    proc = cli("train", "--config", str(config))
+    first = tmp_path / "killed" / "checkpoints" / "step-00000003"
+    deadline = time.monotonic() + 240
+    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, output[-2000:]
+    assert first.is_dir() and not (tmp_path / "killed" / "checkpoints" / "step-00000024").exists()
+
+    resumed = cli("train", "--config", str(config), "--resume", "auto")
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output[-2000:]
+    assert "resumed from" in output
+
+    with single_thread():
+        straight = train(run_config(prepared, tmp_path / "straight", **sections))
+    assert_same_run(read_metrics(tmp_path / "killed"), read_metrics(straight), rel=1e-6)
