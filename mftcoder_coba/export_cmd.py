@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
+from mftcoder_coba.atomic import atomic_directory, refuse_existing
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.cgc_lora import cgc_layers, export_task_adapters
@@ -52,23 +51,17 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         raise UserError(f"{run_dir / 'config.yaml'}: not found (is {run_dir} a run directory?)")
     if not tokenizer_dir.is_dir():
         raise UserError(f"{tokenizer_dir}: not found; the run's tokenizer is needed to export a usable model")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite=overwrite)
     if out.exists() and (out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents):
         raise UserError(f"{out}: is the run directory or holds it; choose another output directory")
     model_dir = model_dir_of(run_dir, checkpoint)
     model = load_trained(run_dir, checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        if cgc_layers(causal_lm(model)):
-            export_task_adapters(model, staging, _task_names(model_dir), tokenizer_dir, merged=merged_tasks)
-        else:
+    if cgc_layers(causal_lm(model)):
+        export_task_adapters(model, out, _task_names(model_dir), tokenizer_dir, merged=merged_tasks,
+                             overwrite=overwrite)
+    else:
+        with atomic_directory(out, overwrite=overwrite) as staging:
             _write_plain(model, tokenizer_dir, staging)
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s", model_dir, out)
     return out
 
@@ -99,14 +92,3 @@ def _task_names(model_dir: Path) -> list[str] | None:
         if isinstance(tasks, list):
             return [str(t) for t in tasks]
     return None
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` to ``out``; an old ``out`` is removed only after the new one is in place."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)

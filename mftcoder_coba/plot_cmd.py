@@ -11,10 +11,10 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from mftcoder_coba.atomic import atomic_file
 from mftcoder_coba.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,6 @@ def _per_task_figure(x: list[float], series: dict[str, list[float]], title: str,
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

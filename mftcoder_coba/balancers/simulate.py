@@ -26,8 +26,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mftcoder_coba.atomic import atomic_file, atomic_write_text
 from mftcoder_coba.balancers.base import BALANCERS, build_balancer
 from mftcoder_coba.balancers.coba import CoBa
 from mftcoder_coba.errors import UserError
@@ -277,24 +276,9 @@ def plot(traces: dict[str, Trace], path: Path, cfg: SimulationConfig) -> None:
                  f"N={knobs['history_length']}, W={knobs['warmup_steps']}, tau={knobs['tau']}, "
                  f"update every {cfg.update_interval} steps")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename it, so no half-written file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,6 +317,6 @@ def main(args: argparse.Namespace) -> int:
     json_path = args.json or args.out.with_suffix(".json")
     report = {"config": asdict(cfg), "tasks": [asdict(t) for t in TASKS], "balancers": rows}
     plot(traces, args.out, cfg)
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} and {json_path}")
     return 0

@@ -18,9 +18,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -29,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mftcoder_coba.atomic import NEW_DIRECTORY_HINT, atomic_directory
 from mftcoder_coba.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -118,14 +117,10 @@ def average_models(model_dirs: Sequence[str | Path], out_dir: str | Path, weight
         raise UserError(f"fuse: cannot mix full models and LoRA adapters: {listing}")
     fractions = normalized_weights(weights, len(inputs))
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UserError(f"{out_dir}: already exists; choose a new output directory")
     base = inspect_model_dir(base_dir) if base_dir is not None and inputs[0].kind == "lora" else None
     if base is not None and base.kind != "full":
         raise UserError(f"{base.path}: the base must be a full transformers model directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, hint=NEW_DIRECTORY_HINT) as tmp:
         if inputs[0].kind == "full":
             _check_same_architecture(inputs)
             _average_full(inputs, fractions, tmp)
@@ -140,10 +135,6 @@ def average_models(model_dirs: Sequence[str | Path], out_dir: str | Path, weight
         record = {"inputs": [str(m.path) for m in inputs], "weights": fractions, "kind": inputs[0].kind,
                   "base": str(base.path) if base is not None else None}
         (tmp / FUSION_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("fused %d %s models into %s (weights %s)", len(inputs), inputs[0].kind, out_dir,
                 [round(w, 4) for w in fractions])
     return out_dir

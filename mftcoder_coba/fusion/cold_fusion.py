@@ -48,6 +48,7 @@ import numpy as np
 import yaml
 
 from mftcoder_coba import config_io
+from mftcoder_coba.atomic import atomic_directory, atomic_write_text
 from mftcoder_coba.config_io import check
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.fusion.average import average_models
@@ -210,11 +211,9 @@ def _base_model(cfg: FusionConfig, datasets: dict[str, Any]) -> Path:
     model_cfg = dataclasses.replace(model_cfg, adapter="none", gradient_checkpointing=False)
     first = next(iter(datasets.values()))
     model = build_model(model_cfg, first.vocab_size, len(first.tasks))
-    tmp = out.with_name(".tmp-model")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    _copy_tokenizer(first.tokenizer_dir, tmp)
-    os.replace(tmp, out)
+    with atomic_directory(out, overwrite=True) as tmp:  # an incomplete leftover (no config.json) is replaced
+        model.save_pretrained(str(tmp))
+        _copy_tokenizer(first.tokenizer_dir, tmp)
     logger.info("ColD Fusion base: random-init %s saved to %s", model_cfg.model_config.get("model_type"), out)
     return out
 
@@ -300,14 +299,8 @@ def _finish_iteration(cfg: FusionConfig, record: dict[str, Any]) -> None:
     done iterations, so both always describe exactly those, also after an interrupted run was continued."""
     from mftcoder_coba.plot_cmd import plot_run
 
-    folder = _iteration_dir(cfg, record["iteration"])
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "metrics.json")
-    lines = cfg.run_dir / f".{METRICS_FILE}.tmp"
-    lines.write_text("".join(json.dumps(r) + "\n" for r in _load_records(cfg)), encoding="utf-8")
-    os.replace(lines, cfg.run_dir / METRICS_FILE)
+    atomic_write_text(_iteration_dir(cfg, record["iteration"]) / "metrics.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(cfg.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in _load_records(cfg)))
     plot_run(cfg.run_dir)
     losses = ", ".join(f"{task} {loss:.4f}" if loss is not None else f"{task} -"
                        for task, loss in record["valid_loss"].items())

@@ -13,10 +13,8 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mftcoder_coba.atomic import NEW_DIRECTORY_HINT, atomic_directory, refuse_existing
 from mftcoder_coba.config_io import build, check, to_dict
 from mftcoder_coba.errors import UserError
 
@@ -447,10 +446,12 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
 
 
 def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequence[str] | None = None,
-                         tokenizer_dir: str | Path | None = None, merged: bool = False) -> Path:
+                         tokenizer_dir: str | Path | None = None, merged: bool = False, *,
+                         overwrite: bool = False) -> Path:
     """Write the "1+N" form of a CGC-LoRA model: the base once plus one plain peft LoRA adapter per task.
 
-    Layout of ``out_dir`` (written in a temporary sibling directory, renamed when complete)::
+    Layout of ``out_dir`` (written in a temporary sibling directory, renamed when complete; an existing
+    ``out_dir`` is refused unless ``overwrite``, and then replaced only once the new one is whole)::
 
         base/                  transformers model dir of the frozen base (+ tokenizer files when given)
         adapters/<task>/       peft LoRA adapter: PeftModel.from_pretrained(base_model, "adapters/<task>")
@@ -471,40 +472,34 @@ def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequ
             raise UserError(f"export: task name {name!r} is not usable as a directory name")
     if len(set(names)) != len(names):
         raise UserError(f"export: task names must be unique, got {names}")
-    if out_dir.exists():
-        raise UserError(f"{out_dir}: already exists; choose a new output directory")
+    refuse_existing(out_dir, overwrite=overwrite, hint=NEW_DIRECTORY_HINT)
     tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tokenizer is not None and not tokenizer.is_dir():
         raise UserError(f"{tokenizer}: tokenizer directory not found")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     training_cache = model.config.use_cache
     model.config.use_cache = True        # the exported models are for inference: KV cache on
     try:
-        save_base_model(model, tmp / "base")
-        if tokenizer is not None:
-            _copy_tokenizer(tokenizer, tmp / "base")
-        summary = []
-        for task, name in enumerate(names):
-            rank = _write_adapter(layers, task, tmp / "adapters" / name)
-            entry = {"task_id": task, "name": name, "rank": rank, "adapter": f"adapters/{name}"}
-            common = slot.cfg.num_common_experts
-            with torch.no_grad():
-                entry["common_gate_weight_mean"] = float(sum(
-                    layer.cgc.expert_weights()[task, :common].sum().item() for layer in layers.values()
-                ) / len(layers))
-            if merged:
-                _write_merged(model, layers, task, tmp / "merged" / name)
-                if tokenizer is not None:
-                    _copy_tokenizer(tokenizer, tmp / "merged" / name)
-                entry["merged"] = f"merged/{name}"
-            summary.append(entry)
-        (tmp / "export.json").write_text(json.dumps({"base": "base", "tasks": summary}, indent=2) + "\n",
-                                         encoding="utf-8")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(out_dir, overwrite=overwrite, hint=NEW_DIRECTORY_HINT) as tmp:
+            save_base_model(model, tmp / "base")
+            if tokenizer is not None:
+                _copy_tokenizer(tokenizer, tmp / "base")
+            summary = []
+            for task, name in enumerate(names):
+                rank = _write_adapter(layers, task, tmp / "adapters" / name)
+                entry = {"task_id": task, "name": name, "rank": rank, "adapter": f"adapters/{name}"}
+                common = slot.cfg.num_common_experts
+                with torch.no_grad():
+                    entry["common_gate_weight_mean"] = float(sum(
+                        layer.cgc.expert_weights()[task, :common].sum().item() for layer in layers.values()
+                    ) / len(layers))
+                if merged:
+                    _write_merged(model, layers, task, tmp / "merged" / name)
+                    if tokenizer is not None:
+                        _copy_tokenizer(tokenizer, tmp / "merged" / name)
+                    entry["merged"] = f"merged/{name}"
+                summary.append(entry)
+            (tmp / "export.json").write_text(json.dumps({"base": "base", "tasks": summary}, indent=2) + "\n",
+                                             encoding="utf-8")
     finally:
         model.config.use_cache = training_cache
     logger.info("exported base + %d task adapters to %s", len(names), out_dir)

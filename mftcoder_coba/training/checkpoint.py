@@ -7,15 +7,16 @@ Layout of one checkpoint (``run_dir/checkpoints/step-00000010``)::
     rng/rank-00000.json  python, numpy and torch (CPU and CUDA) RNG states of each rank
     trainer_state.json   step, data position, balancer.state_dict(), world size
 
-Everything is written into ``checkpoints/.tmp-step-...`` first and renamed by rank 0 when every rank has
-finished, so only complete checkpoints carry the ``step-`` name; a run killed while saving leaves a
-``.tmp-`` folder that the next start removes. Multi-node runs need ``run_dir`` on a filesystem all nodes
-share (each rank writes its own optimizer shard).
+Everything is written into ``checkpoints/.tmp-step-...`` first (a name every rank agrees on, hence not
+:func:`mftcoder_coba.atomic.atomic_directory`'s per-process one) and published by rank 0 when every rank
+has finished (:func:`mftcoder_coba.atomic.publish`), so only complete checkpoints carry the ``step-`` name;
+checkpoints beyond ``keep_last`` vanish in one rename (:func:`mftcoder_coba.atomic.discard`). A run killed
+while saving or pruning leaves hidden folders that the next start removes. Multi-node runs need ``run_dir``
+on a filesystem all nodes share (each rank writes its own optimizer shard).
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mftcoder_coba.atomic import discard, publish, remove_stale
 from mftcoder_coba.models import save_trainable
 from mftcoder_coba.training import distributed
 from mftcoder_coba.training.distributed import World
@@ -47,11 +49,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def remove_partial(run_dir: Path) -> None:
-    """Delete ``.tmp-`` folders left by a run killed while saving (rank 0, before training starts)."""
+    """Delete ``.tmp-`` folders left by a run killed while saving (rank 0, before training starts), and the
+    leftovers of a killed re-save of an existing step (:func:`mftcoder_coba.atomic.remove_stale`)."""
     folder = checkpoints_dir(run_dir)
     if folder.is_dir():
         for stale in folder.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(folder)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -98,10 +102,9 @@ def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], w
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     distributed.barrier(world)
     if world.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish(tmp, final, overwrite=True)  # a re-saved step (resumed from an older one) keeps its old copy until then
         for old in complete_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     distributed.barrier(world)
     return final
 
