@@ -49,7 +49,7 @@ DEMO_MODEL: dict[str, Any] = {
 }
 MODES = ("coba", "cgc-lora", "cold-fusion")
 # Optimizer steps per run (cold-fusion: per contributor job and iteration).
-DEFAULT_STEPS = {"coba": 150, "cgc-lora": 150, "cold-fusion": 15}
+DEFAULT_STEPS = {"coba": 300, "cgc-lora": 300, "cold-fusion": 15}
 FUSION_ITERATIONS = 2
 UPDATE_INTERVAL = 2
 
@@ -57,7 +57,7 @@ UPDATE_INTERVAL = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="demo folder (default: ./demo_out)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: coba/cgc-lora 150; cold-fusion 15 per contributor job)")
+                        help="optimizer steps (default: coba/cgc-lora 300; cold-fusion 15 per contributor job)")
     parser.add_argument("--mode", choices=MODES, default="coba",
                         help="coba: full training with CoBa; cgc-lora: CGC-LoRA adapters with CoBa; "
                              "cold-fusion: ColD Fusion, one contributor per task")
@@ -167,7 +167,7 @@ def run_data(data_dir: Path, run_dir: Path, steps: int, adapter: str = "none") -
         "model": {"model_config": dict(DEMO_MODEL), "init_seed": 0, "dtype": "fp32",
                   "attn_implementation": "sdpa", "adapter": adapter,
                   "cgc_lora": {"dropout": 0.0, "rank_budget": 32, "alpha": 32.0}},
-        "balancer": {"name": "coba", "update_interval": UPDATE_INTERVAL, "valid_rows_per_task": 2,
+        "balancer": {"name": "coba", "update_interval": UPDATE_INTERVAL, "valid_rows_per_task": 4,
                      "options": {"warmup_steps": max(1, updates // 10), "history_length": max(2, updates // 4),
                                  "tau": 5.0}},
         "optim": {"lr": 1e-2 if adapter_lr else 3e-3, "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1,

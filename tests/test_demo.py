@@ -65,7 +65,7 @@ def test_rerun_clears_its_own_outputs_first(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER]
 
 
-@pytest.mark.parametrize("steps,warmup,history", [(150, 7, 18), (4, 1, 2)])
+@pytest.mark.parametrize("steps,warmup,history", [(300, 15, 37), (150, 7, 18), (4, 1, 2)])
 def test_run_config_scales_coba_to_the_run(tmp_path: Path, steps: int, warmup: int, history: int) -> None:
     cfg = config_io.build(RunConfig, run_data(tmp_path / "data", tmp_path / "run", steps))
     assert cfg.train.max_steps == steps and cfg.balancer.name == "coba"
