@@ -6,7 +6,8 @@ text records; a short and a long mix), then measures in one run:
 
 * end-to-end ``prepare`` tokens/s against the raw batched throughput of the same tokenizer on the same
   rendered text (rounds alternate so both see the same machine load; medians are compared), and CPU time
-  per token of each, for a short-sample and a long-sample mix;
+  per token of each, for a short-sample and a long-sample mix; for reference also the same tokenizer called
+  from one thread per core with its own pool off (how prep calls it), which outruns its batched call here;
 * packing utilisation (non-pad tokens / all tokens) of those runs;
 * peak RSS of a prep process at two corpus sizes 10x apart (each in its own subprocess);
 * tokens/s for each ``--workers`` count, with the workers' start-up time (spawned processes) apart.
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from mftcoder_coba.data_prep.demo_corpus import documented, make_function
 from mftcoder_coba.data_prep.formats import normalise
 from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.data_prep.render import Renderer
-from mftcoder_coba.data_prep.tokens import load_tokenizer
+from mftcoder_coba.data_prep.tokens import encode_threads, load_tokenizer, serial_encode_calls
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data_prep"
@@ -74,6 +76,21 @@ def raw_tokenize(texts: list[str], batch: int) -> tuple[float, float, int]:
     for i in range(0, len(texts), batch):
         tokens += sum(len(e.ids) for e in encode(texts[i : i + batch], add_special_tokens=False))
     return time.perf_counter() - start, time.process_time() - cpu, tokens
+
+
+def raw_tokenize_threaded(texts: list[str], batch: int) -> tuple[float, int]:
+    """A stronger reference than the batched call: one thread per core each encoding batches with the
+    tokenizer's own pool off (prep's own scheme, see ``pipeline._run_batches``): (wall s, tokens)."""
+    backend = load_tokenizer(TOKENIZER_DIR).backend_tokenizer
+
+    def encode(i: int) -> int:
+        return sum(len(e.ids) for e in backend.encode_batch_fast(texts[i : i + batch], add_special_tokens=False))
+
+    with serial_encode_calls():
+        start = time.perf_counter()
+        with ThreadPoolExecutor(encode_threads()) as pool:
+            tokens = sum(pool.map(encode, range(0, len(texts), batch)))
+        return time.perf_counter() - start, tokens
 
 
 def timed_prep(corpus: Path, out: Path, seq_len: int, workers: int = 1) -> tuple[float, float, dict[str, Any]]:
@@ -125,13 +142,15 @@ def throughput(tmp: Path, mix: str, records: int, seq_len: int, rounds: int) -> 
     write_corpus(corpus, records, log_mean=MIXES[mix])
     renderer = Renderer(load_tokenizer(TOKENIZER_DIR))
     texts = [renderer.render(normalise(json.loads(line), "bench"))[0] for line in corpus.open(encoding="utf-8")]
-    raw_runs, prep_runs, raw_cpu, prep_cpu, manifest, tokens = [], [], [], [], {}, 0
+    raw_runs, threaded_runs, prep_runs, raw_cpu, prep_cpu, manifest, tokens = [], [], [], [], [], {}, 0
     timed_prep(corpus, tmp / "warmup", seq_len)
     for _ in range(rounds):
         # the raw rate is the better of prep's batch size and one batch of everything (fewer barriers)
         seconds, cpu, tokens = min(raw_tokenize(texts, batch) for batch in (PrepOptions.batch_records, len(texts)))
         raw_runs.append(tokens / seconds)
         raw_cpu.append(cpu / tokens * 1e9)
+        seconds, _ = raw_tokenize_threaded(texts, PrepOptions.batch_records)
+        threaded_runs.append(tokens / seconds)
         seconds, cpu, manifest = timed_prep(corpus, tmp / "prep", seq_len)
         prep_runs.append(tokens / seconds)
         prep_cpu.append(cpu / tokens * 1e9)
@@ -141,7 +160,9 @@ def throughput(tmp: Path, mix: str, records: int, seq_len: int, rounds: int) -> 
             "raw_tokens_per_s": raw_runs, "prep_tokens_per_s": prep_runs, "raw_median": raw_med,
             "prep_median": prep_med, "ratio": prep_med / raw_med, "raw_cpu_ns_per_token": raw_cpu,
             "prep_cpu_ns_per_token": prep_cpu,
-            "cpu_ratio": statistics.median(raw_cpu) / statistics.median(prep_cpu)}
+            "cpu_ratio": statistics.median(raw_cpu) / statistics.median(prep_cpu),
+            "raw_threaded_tokens_per_s": threaded_runs,
+            "ratio_to_threaded": prep_med / statistics.median(threaded_runs)}
 
 
 def main() -> None:
@@ -194,6 +215,9 @@ def main() -> None:
         print(f"{'  prep end to end, workers=1 (median tokens/s)':50s} {entry['prep_median']:14,.0f}")
         print(f"{'  ratio prep / raw (wall clock)':50s} {entry['ratio']:14.3f}")
         print(f"{'  ratio raw / prep CPU time per token':50s} {entry['cpu_ratio']:14.3f}")
+        label = "  reference: raw, a thread per core, pool off"
+        print(f"{label:50s} {statistics.median(entry['raw_threaded_tokens_per_s']):14,.0f}")
+        print(f"{'  ratio prep / that reference':50s} {entry['ratio_to_threaded']:14.3f}")
         print(f"{'  packing utilisation':50s} {100 * entry['utilisation']:13.2f}%")
     for workers, entry in scaling.items():
         label = f"prep, workers={workers}, large corpus (tokens/s)"

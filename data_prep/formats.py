@@ -105,7 +105,7 @@ def count_records(source: Source) -> int:
     try:
         with _open_binary(source.path) as f:
             for line in f:
-                if line.strip():
+                if not line.isspace():  # iteration never yields an empty line
                     count += 1
     except (OSError, EOFError) as exc:
         raise UserError(f"{source.path}: cannot read: {exc}") from None
@@ -130,7 +130,7 @@ def iter_raw(source: Source) -> Iterator[tuple[int, bytes | dict[str, Any]]]:
         return
     with _open_binary(source.path) as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
+            if not line.isspace():
                 yield lineno, line
 
 
@@ -151,15 +151,20 @@ def decode(raw: bytes | dict[str, Any], where: str) -> dict[str, Any]:
     return record
 
 
-def _text_field(record: dict[str, Any], field: str, where: str) -> str:
+def _text_field(record: dict[str, Any], field: str, where: str, turn: tuple[str, int] | None = None) -> str:
+    """A non-blank string field; ``turn`` (list field, index) names the chat turn it sits in, for messages.
+
+    The common case returns after three cheap checks; messages are only formatted for a bad record.
+    """
     value = record.get(field)
+    if isinstance(value, str) and value and not value.isspace():
+        return value
+    place = where if turn is None else f"{where}: {turn[0]}[{turn[1]}]"
     if value is None:
-        raise BadRecord("missing_field", f"{where}: field '{field}' missing")
+        raise BadRecord("missing_field", f"{place}: field '{field}' missing")
     if not isinstance(value, str):
-        raise BadRecord("bad_type", f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise BadRecord("empty_field", f"{where}: field '{field}' is empty")
-    return value
+        raise BadRecord("bad_type", f"{place}: field '{field}' must be a string, got {type(value).__name__}")
+    raise BadRecord("empty_field", f"{place}: field '{field}' is empty")
 
 
 def _chat(rounds: Any, field: str, where: str) -> Chat:
@@ -170,25 +175,24 @@ def _chat(rounds: Any, field: str, where: str) -> Chat:
     system: str | None = None
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(rounds):
-        at = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise BadRecord("bad_type", f"{where}: {at} must be an object with 'role' and 'content'")
+            raise BadRecord("bad_type", f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
         raw_role = turn.get("role")
         if not isinstance(raw_role, str):
-            raise BadRecord("missing_field", f"{where}: {at}: field 'role' missing")
-        role = ROLE_ALIASES.get(raw_role.strip().lower())
+            raise BadRecord("missing_field", f"{where}: {field}[{i}]: field 'role' missing")
+        role = ROLE_ALIASES.get(raw_role) or ROLE_ALIASES.get(raw_role.strip().lower())
         if role is None:
-            raise BadRecord("unknown_role", f"{where}: {at}: unknown role '{raw_role}' "
+            raise BadRecord("unknown_role", f"{where}: {field}[{i}]: unknown role '{raw_role}' "
                                             f"(known: {', '.join(ROLE_ALIASES)})")
-        content = _text_field(turn, "content", f"{where}: {at}")
+        content = _text_field(turn, "content", where, (field, i))
         if role == "system":
             if i != 0:
-                raise BadRecord("turn_order", f"{where}: {at}: a system turn may only come first")
+                raise BadRecord("turn_order", f"{where}: {field}[{i}]: a system turn may only come first")
             system = content
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise BadRecord("turn_order", f"{where}: {at}: expected a {expected} turn, got '{raw_role}' "
+            raise BadRecord("turn_order", f"{where}: {field}[{i}]: expected a {expected} turn, got '{raw_role}' "
                                           "(turns must alternate user/assistant)")
         turns.append((role, content))
     if not turns:

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mftcoder_coba.data_prep.pack import Row
 from mftcoder_coba.errors import UserError
 
@@ -62,7 +60,7 @@ class SplitStats:
             stats = self.tasks[sample.task]
             stats.samples += 1
             stats.tokens += sample.size
-            stats.loss_tokens += int(np.count_nonzero(sample.mask[1:]))
+            stats.loss_tokens += sample.loss_tokens
             used[sample.task] = used.get(sample.task, 0) + sample.size
         total = sum(used.values())
         self.tokens += total

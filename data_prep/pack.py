@@ -17,15 +17,18 @@ class Sample:
     """One tokenised sample: task id, token ids, and 1 where the token is a loss target.
 
     A slotted class with the length stored once: the packer reads it several times per sample.
+    ``loss_tokens`` counts the tokens that are targets of an earlier token (``mask[1:]``); the pipeline
+    passes it in, computed for a whole batch at once.
     """
 
-    __slots__ = ("task", "ids", "mask", "size")
+    __slots__ = ("task", "ids", "mask", "size", "loss_tokens")
 
-    def __init__(self, task: int, ids: np.ndarray, mask: np.ndarray) -> None:
+    def __init__(self, task: int, ids: np.ndarray, mask: np.ndarray, loss_tokens: int | None = None) -> None:
         self.task = task
         self.ids = ids
         self.mask = mask
         self.size = len(ids)
+        self.loss_tokens = int(np.count_nonzero(mask[1:])) if loss_tokens is None else loss_tokens
 
     def __len__(self) -> int:
         return self.size

@@ -18,7 +18,6 @@ import gc
 import heapq
 import logging
 import multiprocessing
-import os
 import shutil
 import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -28,13 +27,15 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
+from mftcoder_coba.atomic import make_temp_dir, publish
 from mftcoder_coba.data_prep import manifest as manifest_io
 from mftcoder_coba.data_prep.formats import BadRecord, Source, count_records, decode, iter_raw, normalise, \
     resolve_sources
 from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
 from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes
-from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer, quiet_worker_threads, tokenizer_files_sha256
+from mftcoder_coba.data_prep.tokens import Encoder, encode_threads, load_tokenizer, quiet_worker_threads, \
+    serial_encode_calls, tokenizer_files_sha256
 from mftcoder_coba.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class PrepOptions:
     skip_bad: bool = False
     """Skip bad records (counted by reason in the manifest) instead of stopping at the first."""
     workers: int = 1
-    """Processes that render and tokenise; 1 works in this process with the tokenizer's own threads."""
+    """Processes that render and tokenise; 1 works in this process, one thread per core."""
     overwrite: bool = False
     """Replace an existing OUT (only after the new one is complete)."""
     rows_per_shard: int | None = None
@@ -156,11 +157,16 @@ def _init_state(work: _Work, quiet: bool, tokenizer: Any = None) -> None:
     _STATE.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
 
 
-Outcome = tuple[str, Any, Any]  # ("ok"|"truncated", ids, mask) | ("dropped", reason, None) | ("bad", reason, msg)
+# ("ok"|"truncated", ids, mask, loss tokens) | ("dropped", reason, None, 0) | ("bad", reason, message, 0)
+Outcome = tuple[str, Any, Any, int]
 
 
 def _process(batch: list[tuple[str, bytes | dict[str, Any]]]) -> list[Outcome]:
-    """Render, tokenise and length-check one batch of ``(where, raw record)``; never raises for bad data."""
+    """Render, tokenise and length-check one batch of ``(where, raw record)``; never raises for bad data.
+
+    Lengths, truncation and loss-token counts are computed for the whole batch at once on the flat
+    encoding; each kept sample is a slice of it.
+    """
     renderer: Renderer = _STATE["renderer"]
     work: _Work = _STATE["work"]
     outcomes: list[Outcome | None] = [None] * len(batch)
@@ -171,22 +177,32 @@ def _process(batch: list[tuple[str, bytes | dict[str, Any]]]) -> list[Outcome]:
         try:
             text, sample_spans = renderer.render(normalise(decode(raw, where), where))
         except BadRecord as exc:
-            outcomes[i] = ("bad", exc.reason, str(exc))
+            outcomes[i] = ("bad", exc.reason, str(exc), 0)
             continue
         texts.append(text)
         spans.append(sample_spans)
         slots.append(i)
-    for i, (ids, mask) in zip(slots, _STATE["encoder"].encode(texts, spans)):
+    encoded = _STATE["encoder"].encode_flat(texts, spans)
+    starts, lengths = encoded.offsets[:-1], np.diff(encoded.offsets)
+    kept = np.minimum(lengths, work.seq_len)
+    # loss tokens kept: targets of an earlier token of the sample (mask[1:kept]), from a running count
+    running = np.zeros(len(encoded.mask) + 1, dtype=np.int64)
+    np.cumsum(encoded.mask, out=running[1:])
+    loss_tokens = running[starts + kept] - running[starts + np.minimum(kept, 1)]
+    for i, start, n, keep, loss in zip(slots, starts.tolist(), lengths.tolist(), kept.tolist(),
+                                       loss_tokens.tolist()):
         status = "ok"
-        if len(ids) > work.seq_len:
+        if n > keep:
             if work.overlong == "drop":
-                outcomes[i] = ("dropped", "overlong", None)
+                outcomes[i] = ("dropped", "overlong", None, 0)
                 continue
-            ids, mask, status = ids[: work.seq_len], mask[: work.seq_len], "truncated"
-        if not mask[1:].any():
-            outcomes[i] = ("dropped", "no_loss_after_truncation" if status == "truncated" else "no_loss_tokens", None)
+            status = "truncated"
+        if not loss:
+            outcomes[i] = ("dropped", "no_loss_after_truncation" if status == "truncated" else "no_loss_tokens",
+                           None, 0)
             continue
-        outcomes[i] = (status, ids, mask)
+        end = start + keep
+        outcomes[i] = (status, encoded.ids[start:end], encoded.mask[start:end], loss)
     return outcomes  # type: ignore[return-value]
 
 
@@ -230,28 +246,33 @@ def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, str, bytes | dic
                 yield f"{source.label}:{lineno}", raw
 
     streams = [records(t) for t in tasks]
-    heap = [(0.5 / t.records, tid) for tid, t in enumerate(tasks) if t.records]
+    sizes = [t.records for t in tasks]
+    heap = [(0.5 / n, tid) for tid, n in enumerate(sizes) if n]
     heapq.heapify(heap)
     taken = [0] * len(tasks)
     while heap:
-        _, tid = heapq.heappop(heap)
+        tid = heap[0][1]
         item = next(streams[tid], None)
         if item is None:
             raise UserError(f"task '{tasks[tid].name}': its files changed while being read (fewer records)")
-        yield tid, taken[tid], item[0], item[1]
-        taken[tid] += 1
-        if taken[tid] < tasks[tid].records:
-            heapq.heappush(heap, ((taken[tid] + 0.5) / tasks[tid].records, tid))
-        elif next(streams[tid], None) is not None:
-            raise UserError(f"task '{tasks[tid].name}': its files changed while being read (more records)")
+        index = taken[tid]
+        yield tid, index, item[0], item[1]
+        taken[tid] = index = index + 1
+        if index < sizes[tid]:
+            heapq.heapreplace(heap, ((index + 0.5) / sizes[tid], tid))
+        else:
+            heapq.heappop(heap)
+            if next(streams[tid], None) is not None:
+                raise UserError(f"task '{tasks[tid].name}': its files changed while being read (more records)")
 
 
 def _batches(stream: Iterator[tuple[int, int, str, Any]], tasks: list[_Task], size: int
              ) -> Iterator[tuple[list[tuple[int, bool]], list[tuple[str, Any]]]]:
+    held_out = [set(np.flatnonzero(t.valid).tolist()) for t in tasks]
     meta: list[tuple[int, bool]] = []
     work: list[tuple[str, Any]] = []
     for tid, index, where, raw in stream:
-        meta.append((tid, bool(tasks[tid].valid[index])))
+        meta.append((tid, index in held_out[tid]))
         work.append((where, raw))
         if len(work) == size:
             yield meta, work
@@ -262,26 +283,32 @@ def _batches(stream: Iterator[tuple[int, int, str, Any]], tasks: list[_Task], si
 
 def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, workers: int, tokenizer: Any
                  ) -> Iterator[tuple[list[tuple[int, bool]], list[Outcome]]]:
-    """Outcomes batch by batch, in submission order, with at most ``2 * workers`` batches in flight.
+    """Outcomes batch by batch, in submission order, with at most two batches per thread or worker in flight.
 
-    ``workers == 1`` uses two helper threads: the Rust tokenizer releases the GIL and encodes on every core,
-    so while one thread waits in it, the other parses and renders the next batch, and this thread packs and
-    writes; without that the cores idle whenever Python runs between two encode calls. More workers are processes,
-    started with spawn (never fork a process that may hold threads or a CUDA context) under a
-    ProcessPoolExecutor, so a worker that dies fails the run instead of hanging it.
+    ``workers == 1`` uses one helper thread per core (:func:`encode_threads`), each rendering and encoding
+    whole batches, with the tokenizer's own thread pool off (:func:`serial_encode_calls`): the Rust
+    tokenizer releases the GIL while it encodes, so while some threads encode, another parses and renders
+    its next batch and this thread packs and writes, and every core stays busy without the pool's hand-offs
+    and per-call tails. More workers are processes, started with spawn (never fork a process that may hold
+    threads or a CUDA context) under a ProcessPoolExecutor, so a worker that dies fails the run instead of
+    hanging it.
     """
+    serial: contextlib.AbstractContextManager = contextlib.nullcontext()
     if workers == 1:
         _init_state(work, quiet=False, tokenizer=tokenizer)
-        executor: Executor = ThreadPoolExecutor(2)
+        threads = encode_threads()
+        executor: Executor = ThreadPoolExecutor(threads)
+        serial = serial_encode_calls()
     else:
+        threads = workers
         executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_state, initargs=(work, True))
-    with executor:
+    with serial, executor:
         pending: collections.deque = collections.deque()
         try:
             for meta, items in batches:
                 pending.append((meta, executor.submit(_process, items)))
-                if len(pending) >= 2 * max(workers, 2):
+                if len(pending) >= 2 * max(threads, 2):
                     meta_done, future = pending.popleft()
                     yield meta_done, future.result()
             while pending:
@@ -307,41 +334,6 @@ def _no_cyclic_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output directory handling.
-
-def _temp_dir(out: Path) -> Path:
-    """A fresh hidden directory beside OUT; leftovers of killed runs on the same OUT are removed first."""
-    prefix = f".{out.name}.tmp-"
-    for stale in out.parent.glob(prefix + "*"):
-        pid = stale.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    temp = out.parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
-    temp.mkdir()
-    return temp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(temp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
-        os.rename(out, old)
-        os.rename(temp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(temp, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,8 +377,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     dtypes = field_dtypes(vocab_size, opts.seq_len, len(tasks))
     row_bytes = sum(np.dtype(d).itemsize for d in dtypes.values()) * opts.seq_len
     rows_per_shard = opts.rows_per_shard or max(1, SHARD_BYTES // row_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_dir(out)
+    temp = make_temp_dir(out)
     try:
         stats = {split: manifest_io.SplitStats(len(tasks), opts.seq_len) for split in SPLITS}
         for tid, empty in enumerate(skipped_files):
@@ -397,9 +388,10 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                          for _ in tasks]
 
         def emit(split: str, rows: list[Row]) -> None:
-            for row in rows:
-                writers[split].write(row)
-                stats[split].add_row(row)
+            if rows:
+                writers[split].write_rows(rows)
+                for row in rows:
+                    stats[split].add_row(row)
 
         work = _Work(str(tokenizer_dir), renderer.mode, opts.seq_len, opts.overlong)
         total = sum(t.records for t in tasks)
@@ -409,7 +401,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 _no_cyclic_gc():
             batches = _batches(_interleave(tasks), tasks, opts.batch_records)
             for meta, outcomes in _run_batches(batches, work, opts.workers, tokenizer):
-                for (tid, held_out), (status, a, b) in zip(meta, outcomes):
+                for (tid, held_out), (status, a, b, loss_tokens) in zip(meta, outcomes):
                     split = "valid" if held_out else "train"
                     task_stats = stats[split].tasks[tid]
                     if status == "bad":
@@ -420,7 +412,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                         task_stats.dropped[a] += 1
                     else:
                         task_stats.truncated += status == "truncated"
-                        sample = Sample(tid, a, b)
+                        sample = Sample(tid, a, b, loss_tokens)
                         emit(split, valid_packers[tid].add(sample) if held_out else train_packer.add(sample))
                 bar.update(len(meta))
         emit("train", train_packer.finish())
@@ -449,7 +441,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 **stats[split].summary(names), "shards": shards, "arguments": opts.arguments(),
             }
             manifest_io.write(temp / split, manifests[split])
-        _publish(temp, out)
+        publish(temp, out, overwrite=opts.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

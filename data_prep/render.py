@@ -32,6 +32,11 @@ MFTCODER_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: never produced or touched by a template
 
 
+# per conversation shape: text before the first content, then per content (text after it, loss length into
+# that text for an assistant turn, else None); the text after the last assistant turn is cut at its marker
+_Plan = tuple[str, list[tuple[str, "int | None"]]]
+
+
 def _sentinel(i: int) -> str:
     return f"{_OPEN}{i}{_CLOSE}"
 
@@ -69,6 +74,7 @@ class Renderer:
         specials |= {str(t) for t in tokenizer.all_special_tokens}
         self.specials = sorted(specials, key=len, reverse=True)
         self._shapes: dict[tuple[bool, int], list[str] | None] = {}
+        self._plans: dict[tuple[bool, int], _Plan | None] = {}
         self._warned_no_marker = False
 
     # -- public -----------------------------------------------------------------------------------------
@@ -78,10 +84,11 @@ class Renderer:
             return text, [(len(self.bos), len(text))]
         if self.mode == "mftcoder":
             return self._render_mftcoder(sample)
-        pieces = self._pieces(sample)
-        if pieces is None:
+        shape = (sample.system is not None, len(sample.turns))
+        plan = self._plans[shape] if shape in self._plans else self._plan(sample, shape)
+        if plan is None:
             return self._render_exact(sample)
-        return self._join(sample, pieces)
+        return self._join(sample, plan)
 
     # -- MFTCoder markers -----------------------------------------------------------------------------------
     def _render_mftcoder(self, chat: Chat) -> tuple[str, list[Span]]:
@@ -156,20 +163,34 @@ class Renderer:
             self._warned_no_marker = True
         return self.eos + after, len(self.eos)
 
-    def _join(self, chat: Chat, pieces: list[str]) -> tuple[str, list[Span]]:
-        roles, contents = _roles_contents(chat)
-        parts = [pieces[0]]
-        size = len(pieces[0])
+    def _plan(self, chat: Chat, shape: tuple[bool, int]) -> _Plan | None:
+        """The template text around each content of this shape, assistant turns closed, cut after the last one."""
+        pieces = self._pieces(chat)
+        plan: _Plan | None = None
+        if pieces is not None:
+            roles, _ = _roles_contents(chat)
+            steps: list[tuple[str, int | None]] = []
+            for role, after in zip(roles, pieces[1:]):
+                steps.append(self._close(after) if role == "assistant" else (after, None))
+            last = max(i for i, (_, loss_len) in enumerate(steps) if loss_len is not None)
+            after, loss_len = steps[last]
+            plan = (pieces[0], steps[:last] + [(after[:loss_len], loss_len)])
+        self._plans[shape] = plan
+        return plan
+
+    def _join(self, chat: Chat, plan: _Plan) -> tuple[str, list[Span]]:
+        head, steps = plan
+        parts = [head]
+        size = len(head)
         spans: list[Span] = []
-        for i, (role, content) in enumerate(zip(roles, contents)):
-            after = pieces[i + 1]
-            if role == "assistant":
-                after, loss_len = self._close(after)
+        contents = [c for _, c in chat.turns] if chat.system is None else [chat.system] + [c for _, c in chat.turns]
+        for content, (after, loss_len) in zip(contents, steps):
+            if loss_len is not None:
                 spans.append((size, size + len(content) + loss_len))
             parts.append(content)
             parts.append(after)
             size += len(content) + len(after)
-        return "".join(parts)[: spans[-1][1]], spans
+        return "".join(parts), spans
 
     # -- chat template, exact path -----------------------------------------------------------------------------
     def _render_exact(self, chat: Chat) -> tuple[str, list[Span]]:

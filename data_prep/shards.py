@@ -6,7 +6,8 @@ row stores the input id, a loss flag (1 where the *next* token is a loss target 
 all that is needed to derive labels), the task id (-1 on padding) and the position id (restarting at 0 for
 every sample; padding forms its own segment). Ids take 2 bytes when the vocabulary fits, positions 2 bytes
 when ``seq_len`` does. Rows are written in small chunks and hashed as they go, and a shard is closed once it
-holds ``rows_per_shard`` rows, so memory never depends on the corpus size.
+holds ``rows_per_shard`` rows, so memory never depends on the corpus size. Rows are laid out a block at a
+time with whole-array operations rather than sample by sample.
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ class ShardWriter:
         self.dtype = row_dtype(dtypes, seq_len)
         self._chunk = np.zeros(min(chunk_rows, rows_per_shard), dtype=self.dtype)
         self._filled = 0
-        self._arange = np.arange(seq_len, dtype=np.int64)
+        self._arange = np.arange(seq_len, dtype=np.int32)
+        self._pad_ids = np.full(seq_len, pad_id, dtype=np.int32)
+        self._zeros = np.zeros(seq_len, dtype=np.uint8)
         self._file: BinaryIO | None = None
         self._hash: Any = None
         self._shard_rows = 0
@@ -57,26 +60,56 @@ class ShardWriter:
         directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, row: Row) -> None:
-        record = self._chunk[self._filled]
-        ids, loss, tasks, pos = (record[name] for name in FIELDS)
-        offset = 0
-        for sample in row:
-            n = sample.size
-            end = offset + n
-            ids[offset:end] = sample.ids
-            loss[offset : end - 1] = sample.mask[1:]
-            loss[end - 1] = 0
-            tasks[offset:end] = sample.task
-            pos[offset:end] = self._arange[:n]
-            offset = end
-        ids[offset:] = self.pad_id
-        loss[offset:] = 0
-        tasks[offset:] = -1
-        pos[offset:] = self._arange[: self.seq_len - offset]
-        self._filled += 1
-        self.rows += 1
-        if self._filled == len(self._chunk) or self._shard_rows + self._filled == self.rows_per_shard:
-            self._flush()
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[Row]) -> None:
+        """Rows in order, filled into the chunk a block at a time with whole-array operations."""
+        done = 0
+        while done < len(rows):
+            room = min(len(self._chunk) - self._filled, self.rows_per_shard - self._shard_rows - self._filled)
+            block = rows[done : done + room]
+            self._fill(block)
+            done += len(block)
+            if self._filled == len(self._chunk) or self._shard_rows + self._filled == self.rows_per_shard:
+                self._flush()
+
+    def _fill(self, block: list[Row]) -> None:
+        """Lay ``block`` out as consecutive segments (its samples, then one padding segment per row)."""
+        seq_len = self.seq_len
+        ids: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        positions: list[np.ndarray] = []
+        sizes: list[int] = []
+        tasks: list[int] = []
+        for row in block:
+            used = 0
+            for sample in row:
+                ids.append(sample.ids)
+                masks.append(sample.mask)
+                positions.append(self._arange[: sample.size])
+                sizes.append(sample.size)
+                tasks.append(sample.task)
+                used += sample.size
+            pad = seq_len - used
+            ids.append(self._pad_ids[:pad])
+            masks.append(self._zeros[:pad])
+            positions.append(self._arange[:pad])
+            sizes.append(pad)
+            tasks.append(-1)
+        shape = (len(block), seq_len)
+        records = self._chunk[self._filled : self._filled + len(block)]
+        records["input_ids"] = np.concatenate(ids).reshape(shape)
+        records["position_ids"] = np.concatenate(positions).reshape(shape)
+        records["task_ids"] = np.repeat(np.array(tasks, dtype=np.int32), sizes).reshape(shape)
+        # loss flag at t: token t + 1 is a target of the same segment (0 on the last token of each segment)
+        mask = np.concatenate(masks)
+        loss = np.empty_like(mask)
+        loss[:-1] = mask[1:]
+        ends = np.cumsum(sizes)
+        loss[ends[ends > 0] - 1] = 0
+        records["loss"] = loss.reshape(shape)
+        self._filled += len(block)
+        self.rows += len(block)
 
     def _flush(self) -> None:
         if not self._filled:
@@ -86,7 +119,7 @@ class ShardWriter:
             self._file = open(self.directory / name, "wb")
             self._hash = hashlib.sha256()
             self.shards.append({"file": name})
-        data = self._chunk[: self._filled].tobytes()
+        data = self._chunk[: self._filled].view(np.uint8)
         self._file.write(data)
         self._hash.update(data)
         self._shard_rows += self._filled

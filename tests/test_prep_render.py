@@ -195,3 +195,35 @@ def test_sentencepiece_style_prefix_space_tokenizer(tmp_path):
     assert not Encoder(sp).piecewise
     runs, _ = _loss_runs(sp, {"prompt": "write a function that adds", "answer": "def add(a, b): return a + b"})
     assert [r.strip() for r in runs] == ["def add(a, b): return a + b</s>"]
+
+
+def _one_encoding_per_piece(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Reference: every piece (between and inside the loss spans) encoded on its own, then concatenated."""
+    ids, mask, pos = [], [], 0
+    for start, end in spans:
+        for piece, loss in ((text[pos:start], 0), (text[start:end], 1)):
+            if piece:
+                piece_ids = tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False).ids
+                ids += piece_ids
+                mask += [loss] * len(piece_ids)
+        pos = end
+    return ids, mask
+
+
+def test_joined_pieces_encode_exactly_as_separate_pieces(tokenizer):
+    """One encoding per sample (pieces joined by a private special token) equals one encoding per piece,
+    also where whitespace meets at a piece boundary; text holding the separator itself falls back."""
+    from mftcoder_coba.data_prep.tokens import SEPARATOR
+
+    encoder = Encoder(tokenizer)
+    assert encoder._joiner is not None
+    records = [CHAT, {"prompt": "x\n", "answer": "  indented\n\n"}, {"text": "\n\n  a"},
+               {"prompt": "q ", "answer": " <|im_end|> b"}]
+    records += [json.loads(line) for path in DEMO_TASKS.values() for line in path.read_text().splitlines()[:25]]
+    renderer = Renderer(tokenizer)
+    rendered = [renderer.render(normalise(r, "f:1")) for r in records]
+    with_separator = [renderer.render(normalise({"prompt": "p", "answer": f"a{SEPARATOR}b"}, "f:1"))] + rendered[:3]
+    for batch in (rendered, with_separator):
+        encoded = encoder.encode([t for t, _ in batch], [s for _, s in batch])
+        for (text, spans), (ids, mask) in zip(batch, encoded):
+            assert (ids.tolist(), mask.tolist()) == _one_encoding_per_piece(tokenizer, text, spans)

@@ -102,12 +102,17 @@ def test_manifest_contents_and_single_task_valid_rows(tmp_path):
     assert ds.tokenizer_dir == (tmp_path / "out" / "tokenizer").resolve()
 
 
-def test_same_inputs_give_byte_identical_output_also_with_workers(tmp_path):
+def test_same_inputs_give_byte_identical_output_also_with_workers(tmp_path, monkeypatch):
     tasks = _subset(tmp_path, 80)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     prepare(_opts(tasks, tmp_path / "a", batch_records=16))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # switched off only while prep encodes
     prepare(_opts(tasks, tmp_path / "b", batch_records=16))
     prepare(_opts(tasks, tmp_path / "c", batch_records=16, workers=2))
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b") == _tree(tmp_path / "c")
+    prepare(_opts(tasks, tmp_path / "e"))  # batch size changes no shard (the manifest records it)
+    shards = {k: v for k, v in _tree(tmp_path / "a").items() if k.endswith(".bin")}
+    assert shards == {k: v for k, v in _tree(tmp_path / "e").items() if k.endswith(".bin")}
     prepare(_opts(tasks, tmp_path / "d", batch_records=16, seed=99))
     assert _tree(tmp_path / "a")["valid/shard-00000.bin"] != _tree(tmp_path / "d")["valid/shard-00000.bin"]
 
