@@ -126,7 +126,7 @@ def accumulate_gradients(engine: Any, micro_batches: list[dict[str, np.ndarray]]
     """
     undo_engine_mean = engine.gradient_accumulation_steps() * engine.dp_world_size
     scale = torch.tensor(task_scale(weights, counts, undo_engine_mean), dtype=torch.float32, device=device)
-    sums = np.zeros(len(weights), dtype=np.float64)
+    sums = torch.zeros(len(weights), dtype=torch.float64, device=device)  # read back once: no sync per micro-batch
     for i, rows in enumerate(micro_batches):
         if i:  # DeepSpeed's protocol is backward + step per micro-batch; off the boundary step() only counts
             engine.step()
@@ -135,5 +135,5 @@ def accumulate_gradients(engine: Any, micro_batches: list[dict[str, np.ndarray]]
         if on_hidden is not None:
             on_hidden(hidden, batch)
         engine.backward(loss)
-        sums += task_sum.double().cpu().numpy()
-    return sums
+        sums += task_sum.double()
+    return sums.cpu().numpy()

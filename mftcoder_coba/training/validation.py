@@ -36,8 +36,8 @@ def evaluate_per_task(model: torch.nn.Module, dataset: PackedDataset, rows: np.n
     partitioned = is_partitioned(model)
     mine = np.asarray(rows, dtype=np.int64)[rank::size]
     rounds = math.ceil(math.ceil(len(rows) / size) / micro_batch_size)
-    sums = np.zeros(num_tasks, dtype=np.float64)
-    counts = np.zeros(num_tasks, dtype=np.float64)
+    sums = torch.zeros(num_tasks, dtype=torch.float64, device=device)  # read back once, after the loop
+    counts = torch.zeros(num_tasks, dtype=torch.float64, device=device)
     scale = torch.zeros(num_tasks, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
@@ -49,11 +49,12 @@ def evaluate_per_task(model: torch.nn.Module, dataset: PackedDataset, rows: np.n
             batch = to_device(dataset.rows(chunk if len(chunk) else np.asarray(rows[:1])), device)
             _, task_sum, task_count = batch_loss(model, batch, scale, fused_linear=not partitioned, impl=impl)
             if len(chunk):
-                sums += task_sum.double().cpu().numpy()
-                counts += task_count.double().cpu().numpy()
+                sums += task_sum.double()
+                counts += task_count.double()
     finally:
         model.train(was_training)
+    both = torch.cat([sums, counts]).cpu().numpy()
     if world is None:
-        return sums, counts
-    both = distributed.all_reduce_sum(np.concatenate([sums, counts]), world)
+        return both[:num_tasks], both[num_tasks:]
+    both = distributed.all_reduce_sum(both, world)
     return both[:num_tasks], both[num_tasks:]
