@@ -104,7 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"],
                         help="model.attn_implementation (default auto: flash-attn if installed, else flex_attention on a GPU, sdpa on CPU)")
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations")
+    parser.add_argument("--gradient-checkpointing", default="off", choices=["off", "full", "selective"],
+                        help="model.gradient_checkpointing (default off)")
+    parser.add_argument("--compile", action="store_true", help="model.compile: torch.compile each decoder layer")
+    parser.add_argument("--master-weights", default="fp32", choices=["fp32", "bf16"],
+                        help="optim.master_weights (bf16 needs --zero-stage 1-3)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where shards and runs go (default: a temporary folder, removed afterwards)")
 
@@ -116,13 +120,39 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--modes: unknown mode(s) {', '.join(unknown) or '(none)'}; use coba and/or uniform")
     if args.steps < 1 or args.warmup_steps < 0:
         raise UserError("--steps must be >= 1 and --warmup-steps >= 0")
-    report = run_benchmark(modes, tiny=args.tiny, steps=args.steps, warmup_steps=args.warmup_steps,
-                           attn=args.attn, zero_stage=args.zero_stage,
-                           gradient_checkpointing=args.gradient_checkpointing, work_dir=args.work_dir)
+    if args.master_weights == "bf16" and args.zero_stage == 0:
+        raise UserError("--master-weights bf16 needs --zero-stage 1, 2 or 3 (DeepSpeed's rule)")
+    knobs = Knobs(attn=args.attn, zero_stage=args.zero_stage,
+                  gradient_checkpointing=False if args.gradient_checkpointing == "off" else args.gradient_checkpointing,
+                  compile=args.compile, master_weights=args.master_weights)
+    report = run_benchmark(modes, tiny=args.tiny, steps=args.steps, warmup_steps=args.warmup_steps, knobs=knobs,
+                           work_dir=args.work_dir)
     json_path, md_path = write_report(report, args.out)
     print(report["table"])
     print(f"\nwrote {json_path} and {md_path}")
     return 0
+
+
+@dataclass
+class Knobs:
+    """The memory/speed settings under test, the same for every mode of one run."""
+
+    attn: str = "auto"
+    zero_stage: int = 0
+    gradient_checkpointing: bool | str = False
+    compile: bool = False
+    master_weights: str = "fp32"
+
+    def label(self) -> str:
+        """Short text for table headers and file names, e.g. ``zero1 selective-ckpt compile bf16-master``."""
+        parts = [f"zero{self.zero_stage}"]
+        if self.gradient_checkpointing:
+            parts.append(f"{'full' if self.gradient_checkpointing is True else self.gradient_checkpointing}-ckpt")
+        if self.compile:
+            parts.append("compile")
+        if self.master_weights != "fp32":
+            parts.append(f"{self.master_weights}-master")
+        return " ".join(parts)
 
 
 @dataclass
@@ -139,28 +169,25 @@ class ModeResult:
     final_loss: float | None = None
 
 
-def run_benchmark(modes: list[str], *, tiny: bool, steps: int, warmup_steps: int, attn: str = "auto",
-                  zero_stage: int = 0, gradient_checkpointing: bool = False,
+def run_benchmark(modes: list[str], *, tiny: bool, steps: int, warmup_steps: int, knobs: Knobs | None = None,
                   work_dir: Path | None = None) -> dict[str, Any]:
     """Prepare the shards, train each mode, and return the report (results, table, environment)."""
     on_cuda = torch.cuda.is_available()
     if not tiny and not on_cuda:
         raise UserError("bench-train: the 1B workload needs a CUDA GPU; use --tiny on a CPU")
     work = workload(tiny, on_cuda)
-    resolved_attn = resolve_attn_implementation(attn, DTYPES[work.dtype])
+    knobs = knobs or Knobs()
+    knobs = Knobs(**{**asdict(knobs), "attn": resolve_attn_implementation(knobs.attn, DTYPES[work.dtype])})
     with _work_dir(work_dir) as root:
         data = make_shards(root / "data", work)
-        results = [
-            _run_mode(mode, root, data, work, steps, warmup_steps, resolved_attn, zero_stage, gradient_checkpointing)
-            for mode in modes
-        ]
+        results = [_run_mode(mode, root, data, work, steps, warmup_steps, knobs) for mode in modes]
     report = {
         "benchmark": "bench-train",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
-        "workload": {**asdict(work), "num_tasks": NUM_TASKS, "attn_implementation": resolved_attn,
-                     "zero_stage": zero_stage, "gradient_checkpointing": gradient_checkpointing, "timed_steps": steps,
-                     "warmup_steps": warmup_steps, "tiny": tiny},
+        "workload": {**asdict(work), "num_tasks": NUM_TASKS, "attn_implementation": knobs.attn,
+                     **{k: v for k, v in asdict(knobs).items() if k != "attn"}, "label": knobs.label(),
+                     "timed_steps": steps, "warmup_steps": warmup_steps, "tiny": tiny},
         "results": [asdict(r) for r in results],
         "coba_overhead": coba_overhead(results),
     }
@@ -222,35 +249,34 @@ def word_level_tokenizer(vocab_size: int, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def run_config_data(mode: str, run_dir: Path, data: Path, work: Workload, max_steps: int, attn: str,
-                    zero_stage: int, gradient_checkpointing: bool) -> dict[str, Any]:
+def run_config_data(mode: str, run_dir: Path, data: Path, work: Workload, max_steps: int,
+                    knobs: Knobs) -> dict[str, Any]:
     """The trainer config of one mode: CoBa with a held-out row per task every step, or uniform without."""
     coba = mode == "coba"
     return {
         "run_dir": str(run_dir),
         "data": {"train": str(data / "train"), "valid": str(data / "valid") if coba else None},
-        "model": {"model_config": work.model_config, "dtype": work.dtype, "attn_implementation": attn,
-                  "gradient_checkpointing": gradient_checkpointing, "init_seed": 0},
+        "model": {"model_config": work.model_config, "dtype": work.dtype, "attn_implementation": knobs.attn,
+                  "gradient_checkpointing": knobs.gradient_checkpointing, "compile": knobs.compile, "init_seed": 0},
         # CoBa's warm-up is one update so every timed step runs the full slope/score/weight computation.
         "balancer": {"name": mode, "update_interval": 1, "valid_rows_per_task": 1, "initial_rows_per_task": 1,
                      "options": {"warmup_steps": 1} if coba else {}},
-        "optim": {"lr": 1e-4, "warmup_steps": 1},
+        "optim": {"lr": 1e-4, "warmup_steps": 1, "master_weights": knobs.master_weights},
         "train": {"max_steps": max_steps, "micro_batch_size": work.micro_batch_size,
-                  "global_batch_size": work.global_batch_size, "zero_stage": zero_stage, "seed": 0,
+                  "global_batch_size": work.global_batch_size, "zero_stage": knobs.zero_stage, "seed": 0,
                   "save_every": 0, "save_final": False, "keep_last": 1, "log_every": 1, "tensorboard": False},
     }
 
 
-def _run_mode(mode: str, root: Path, data: Path, work: Workload, steps: int, warmup_steps: int, attn: str,
-              zero_stage: int, gradient_checkpointing: bool) -> ModeResult:
+def _run_mode(mode: str, root: Path, data: Path, work: Workload, steps: int, warmup_steps: int,
+              knobs: Knobs) -> ModeResult:
     from mftcoder_coba import config_io
     from mftcoder_coba.config import RunConfig
     from mftcoder_coba.training import train
 
     run_dir = root / f"run-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = config_io.build(RunConfig, run_config_data(mode, run_dir, data, work, warmup_steps + steps, attn,
-                                                     zero_stage, gradient_checkpointing))
+    cfg = config_io.build(RunConfig, run_config_data(mode, run_dir, data, work, warmup_steps + steps, knobs))
     log.info("bench-train: %s, %d + %d steps", mode, warmup_steps, steps)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -296,8 +322,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{env['transformers']}, deepspeed {env['deepspeed']}",
         f"model: llama hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, vocab "
         f"{shape['vocab_size']}; seq {work['seq_len']}, micro-batch {work['micro_batch_size']}, global batch "
-        f"{work['global_batch_size']} rows, {work['dtype']}, attention {work['attn_implementation']}, ZeRO "
-        f"{work['zero_stage']}, {NUM_TASKS} tasks; median of {work['timed_steps']} steps after "
+        f"{work['global_batch_size']} rows, {work['dtype']}, attention {work['attn_implementation']}, "
+        f"{work['label']}, {NUM_TASKS} tasks; median of {work['timed_steps']} steps after "
         f"{work['warmup_steps']} warm-up",
         "",
         "| mode | step time (s) | tokens/s | MFU | peak memory (GiB) | held-out forwards (s/step) |",
@@ -345,7 +371,8 @@ def environment() -> dict[str, Any]:
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """``<device>[-tiny].json`` (everything) and ``.md`` (the table) in ``out``."""
     slug = re.sub(r"[^a-z0-9]+", "-", report["environment"]["device"].lower()).strip("-")
-    stem = slug + ("-tiny" if report["workload"]["tiny"] else "")
+    work = report["workload"]
+    stem = "_".join([slug, work["attn_implementation"], work["label"].replace(" ", "_")]) + ("-tiny" if work["tiny"] else "")
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

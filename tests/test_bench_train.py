@@ -17,8 +17,8 @@ def test_cli_smoke_writes_json_and_table(tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "bench"
     assert cli(["bench-train", "--tiny", "--steps", "2", "--warmup-steps", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    report = json.loads((out / "cpu-tiny.json").read_text())
-    assert (out / "cpu-tiny.md").read_text().strip() == report["table"] and report["table"] in printed
+    report = json.loads((out / "cpu_sdpa_zero0-tiny.json").read_text())
+    assert (out / "cpu_sdpa_zero0-tiny.md").read_text().strip() == report["table"] and report["table"] in printed
     assert [r["mode"] for r in report["results"]] == ["coba", "uniform"]
     coba, uniform = report["results"]
     assert len(coba["step_times_s"]) == len(uniform["step_times_s"]) == 2
@@ -26,6 +26,18 @@ def test_cli_smoke_writes_json_and_table(tmp_path: Path, capsys: pytest.CaptureF
     assert set(report["coba_overhead"]) >= {"held_out_forwards_pct", "everything_else_pct", "total_pct"}
     assert report["environment"]["device"] == "cpu" and report["environment"]["torch"]
     assert report["workload"]["attn_implementation"] == "sdpa" and report["workload"]["num_tasks"] == 8
+
+
+def test_memory_knobs_reach_the_trainer(tmp_path: Path) -> None:
+    """--compile, selective checkpointing and ZeRO-1 run through the trainer and are named in the report."""
+    out = tmp_path / "bench"
+    assert cli(["bench-train", "--tiny", "--modes", "uniform", "--steps", "1", "--warmup-steps", "1", "--compile",
+                "--gradient-checkpointing", "selective", "--zero-stage", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "cpu_sdpa_zero1_selective-ckpt_compile-tiny.json").read_text())
+    work = report["workload"]
+    assert work["compile"] is True and work["gradient_checkpointing"] == "selective" and work["zero_stage"] == 1
+    assert "zero1 selective-ckpt compile" in report["table"]
+    assert np.isfinite(report["results"][0]["final_loss"])
 
 
 def test_synthetic_shards_are_packed_multitask_rows(tmp_path: Path) -> None:
@@ -56,3 +68,5 @@ def test_overhead_split() -> None:
 def test_bad_arguments(capsys: pytest.CaptureFixture) -> None:
     assert cli(["bench-train", "--tiny", "--modes", "coba,famo"]) == 2
     assert "--modes: unknown mode(s) famo" in capsys.readouterr().err
+    assert cli(["bench-train", "--tiny", "--master-weights", "bf16"]) == 2
+    assert "--master-weights bf16 needs --zero-stage 1, 2 or 3" in capsys.readouterr().err

@@ -72,6 +72,10 @@ def test_deepspeed_config_from_file_with_run_config_overriding(tmp_path: Path) -
     assert "fused" not in ds["optimizer"]["params"]
     cfg.train.zero_stage = 1
     assert ds_config.build(cfg, world_size=1, on_cuda=False)["zero_optimization"]["stage"] == 1
+    assert "bf16_master_weights_and_grads" not in ds_config.build(cfg, world_size=1, on_cuda=False)["bf16"]
+    cfg.optim.master_weights, cfg.model.dtype = "bf16", "bf16"
+    bf16 = ds_config.build(cfg, world_size=1, on_cuda=False)["bf16"]
+    assert bf16 == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     for stage in range(4):
         on_disk = json.loads((REPO / "launch" / f"ds_zero{stage}.json").read_text())
         assert on_disk["zero_optimization"]["stage"] == stage and "scheduler" not in on_disk
@@ -99,6 +103,12 @@ def _no_expensive_work(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"data": {"valid": None}}, {}, "config field 'data.valid'"),
     ({"balancer": {"name": "gradnorm", "options": {}}, "train": {"zero_stage": 3}}, {},
      "config field 'balancer.name': 'gradnorm' needs per-task gradients of the LM head, which ZeRO-3 partitions"),
+    ({"model": {"compile": True}, "train": {"zero_stage": 3}}, {},
+     "config field 'model.compile': not supported with ZeRO-3"),
+    ({"optim": {"master_weights": "bf16"}}, {}, "config field 'optim.master_weights': 'bf16' needs model.dtype 'bf16'"),
+    ({"optim": {"master_weights": "bf16"}, "model": {"dtype": "bf16"}, "train": {"zero_stage": 0}}, {},
+     "config field 'optim.master_weights': 'bf16' needs model.dtype 'bf16' and ZeRO stage 1, 2 or 3"),
+    ({"model": {"gradient_checkpointing": "partial"}}, {}, "config field 'model.gradient_checkpointing'"),
 ])
 def test_cli_refuses_bad_config_in_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: F811
                                             monkeypatch: pytest.MonkeyPatch, sections: dict, env: dict,

@@ -100,6 +100,26 @@ def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path
     assert any("lora_" in name for name, _ in model.named_parameters())
 
 
+def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    """optim.master_weights: bf16 reaches DeepSpeed: the saved master partition and Adam moments are bf16, and
+    training follows the fp32-master run of the same bf16 model closely."""
+    losses, dtypes = {}, {}
+    for master in ("fp32", "bf16"):
+        cfg = run_config(prepared, tmp_path / master, model={"dtype": "bf16"}, optim={"master_weights": master},
+                         balancer={"name": "uniform", "options": {}},
+                         train={"max_steps": 3, "zero_stage": 1, "tensorboard": False})
+        run_dir = train(cfg)
+        losses[master] = [r["loss"] for r in read_metrics(run_dir) if r["step"] > 0]
+        (states,) = (run_dir / "checkpoints" / "step-00000003").glob("engine/*/*optim_states.pt")
+        saved = torch.load(states, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        moments = saved["base_optimizer_state"]["state"][0]
+        dtypes[master] = {saved["single_partition_of_fp32_groups"][0].dtype, moments["exp_avg"].dtype,
+                          moments["exp_avg_sq"].dtype}
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert losses["bf16"][0] == losses["fp32"][0]  # same weights before the first update
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+
+
 @pytest.mark.parametrize("name", ["famo", "gradnorm", "uncertainty"])
 def test_learning_balancers_are_fed_and_checkpointed(prepared: Path, tmp_path: Path, name: str) -> None:  # noqa: F811
     cfg = run_config(prepared, tmp_path / "run", balancer={"name": name, "options": {}},

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models.attention import resolve_attn_implementation
 from mftcoder_coba.models.config import LoraOptions, ModelConfig
+from mftcoder_coba.models.layers import checkpointing_kwargs, compile_layers, enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
                 hf_config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
             )
     model.config.use_cache = False
-    if cfg.gradient_checkpointing and cfg.adapter != "qlora":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = checkpointing_kwargs(cfg.gradient_checkpointing)
+    if checkpointing is not None and cfg.adapter != "qlora":
+        enable_checkpointing(model, checkpointing)
     model = _add_adapter(model, cfg, num_tasks)
+    if cfg.compile:
+        log.info("compiling %d decoder layers with torch.compile (on the first step)", compile_layers(model))
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -173,8 +177,9 @@ def _load_pretrained(cfg: ModelConfig, hf_config: PretrainedConfig, dtype: torch
         return model
     from peft import prepare_model_for_kbit_training
 
+    checkpointing = checkpointing_kwargs(cfg.gradient_checkpointing)
     return prepare_model_for_kbit_training(
         model,
-        use_gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_gradient_checkpointing=checkpointing is not None,
+        gradient_checkpointing_kwargs=checkpointing,
     )

@@ -4,7 +4,7 @@
 overlap, offload, communication options. These keys are then always set from the RunConfig, overriding the
 file: ``train_batch_size`` (global_batch_size), ``train_micro_batch_size_per_gpu`` (micro_batch_size),
 ``gradient_accumulation_steps`` (global / (micro x world)), ``gradient_clipping`` (optim.max_grad_norm),
-``bf16.enabled`` (model.dtype == bf16), ``zero_optimization.stage`` (train.zero_stage when set) and
+``bf16.enabled`` (model.dtype == bf16) and its master-weight precision (optim.master_weights), ``zero_optimization.stage`` (train.zero_stage when set) and
 ``optimizer`` (PyTorch AdamW via ``torch_adam``: no DeepSpeed C++ op is compiled). A ``scheduler`` section in
 the file is refused: the schedule is :func:`lr_factor`, given to the engine as a LambdaLR.
 """
@@ -53,6 +53,8 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     ds["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * world_size)
     ds["gradient_clipping"] = o.max_grad_norm
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.dtype == "bf16"}
+    if o.master_weights == "bf16":
+        ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage(cfg)}
     fused = on_cuda if o.fused == "auto" else o.fused
     params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
