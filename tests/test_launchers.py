@@ -1,5 +1,6 @@
-"""The launchers on one host with CPU processes (gloo): ``single_node.sh`` with 2 processes and
-``multi_node.sh`` as two 1-process "nodes" on localhost finish with the metrics of one in-process run."""
+"""The launchers on one host with CPU processes (gloo): ``single_node.sh`` with 2 processes, ``multi_node.sh``
+as two 1-process "nodes" on localhost (torchrun form, and the deepspeed hostfile form where ssh to localhost
+works) finish with the metrics of one in-process run."""
 from __future__ import annotations
 
 import subprocess
@@ -39,3 +40,36 @@ def test_single_and_multi_node_launchers_match_one_process(prepared: Path, tmp_p
     assert_same_run(single, multi, rel=1e-6)
     assert_same_run(single, read_metrics(one), rel=1e-5, weights_rel=1e-3)
     assert (tmp_path / "multi" / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
+
+
+def _ssh_to_localhost() -> bool:
+    """True when pdsh is installed and both host names of this machine accept key-based ssh (set up by hand:
+    sshd running, the user's key in authorized_keys); CI machines have neither, so the test is skipped there."""
+    import shutil
+
+    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
+        return False
+    for host in ("localhost", "127.0.0.1"):
+        probe = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, "true"],
+                               capture_output=True, timeout=30)
+        if probe.returncode != 0:
+            return False
+    return True
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _ssh_to_localhost(), reason="needs pdsh and key-based ssh to localhost and 127.0.0.1")
+def test_deepspeed_hostfile_form_matches_one_process(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    """``HOSTFILE=... multi_node.sh``: DeepSpeed's runner starts one process on each of two "nodes" (this
+    machine under two names) over ssh/pdsh; the run equals one in-process run."""
+    config = write_config(tmp_path / "ds.json", run_data(prepared, tmp_path / "ds", **SECTIONS))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    proc = _launch("multi_node.sh", ["--config", str(config)], HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "127.0.0.1: " in output and "localhost: " in output  # pdsh prefixes each node's lines
+    with single_thread():
+        one = train(run_config(prepared, tmp_path / "one", train={**SECTIONS["train"], "deepspeed_config": None}))
+    assert_same_run(read_metrics(tmp_path / "ds"), read_metrics(one), rel=1e-5, weights_rel=1e-3)
