@@ -9,7 +9,8 @@ from mftcoder_coba.bench_activations import saved_bytes
 from mftcoder_coba.config_io import build
 from mftcoder_coba.errors import ConfigError
 from mftcoder_coba.models import ModelConfig, build_model, hidden_states, lm_head
-from mftcoder_coba.models.layers import checkpointing_kwargs, decoder_layers
+from mftcoder_coba.errors import UserError
+from mftcoder_coba.models.layers import checkpointing_kwargs, compile_layers, decoder_layers
 
 VOCAB = 64
 TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -93,7 +94,27 @@ def test_decoder_layers_and_bad_modes() -> None:
     assert checkpointing_kwargs(False) is None
     assert checkpointing_kwargs(True) == {"use_reentrant": False} == checkpointing_kwargs("full")
     assert "context_fn" in checkpointing_kwargs("selective")
+    outside = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    outside._no_split_modules = ["Linear"]  # layers that transformers would checkpoint from outside their call
+    with pytest.raises(UserError, match="'model.compile': Linear is checkpointed from outside the layer"):
+        compile_layers(outside, checkpointed=True)
     with pytest.raises(ConfigError, match="'model.gradient_checkpointing'"):
         _cfg(gradient_checkpointing="sometimes")
     with pytest.raises(ConfigError, match="'model.compile'"):
         _cfg(compile=True, adapter="qlora", path="somewhere", model_config=None)
+
+
+def test_compiled_layers_share_one_graph_across_layers_and_packings() -> None:
+    """Regional compilation must give one graph for all layers and not recompile when the packing changes;
+    otherwise a deep model would hit dynamo's recompile limit and silently run its later layers eagerly."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(_cfg(model_config={**TINY, "num_hidden_layers": 10}, compile=True), VOCAB, 1)
+    for seed in (0, 1, 2):
+        ids, _, _ = _batch(seed)
+        cut = 3 + 4 * seed
+        positions = torch.tensor([list(range(cut)) + list(range(16 - cut)), list(range(16))])
+        hidden_states(model, ids, positions).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1

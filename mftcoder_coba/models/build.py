@@ -77,7 +77,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
         enable_checkpointing(model, checkpointing)
     model = _add_adapter(model, cfg, num_tasks)
     if cfg.compile:
-        log.info("compiling %d decoder layers with torch.compile (on the first step)", compile_layers(model))
+        log.info("compiling %d decoder layers with torch.compile (on the first step)",
+                 compile_layers(model, checkpointed=checkpointing is not None))
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

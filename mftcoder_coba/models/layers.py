@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from mftcoder_coba.errors import UserError
+
 _aten = torch.ops.aten
 # Outputs worth keeping: each costs a matrix product (or attention) to recompute and is no larger than the
 # hidden state or the MLP's intermediate activation.
@@ -79,13 +81,29 @@ def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any]) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_layers(model: nn.Module) -> int:
+def compile_layers(model: nn.Module, checkpointed: bool = False) -> int:
     """``torch.compile`` every decoder layer in place (parameter names unchanged); returns how many.
 
     Compiling the layer's call keeps transformers' checkpointing wrapper inside the graph, which is what lets
-    inductor fuse a selective checkpoint's recomputation into backward.
+    inductor fuse a selective checkpoint's recomputation into backward; ``checkpointed`` layers that are
+    checkpointed from outside their call (older transformers, some remote-code models) are refused.
     """
     layers = decoder_layers(model)
+    if checkpointed and not all(_checkpoints_inside(layer) for layer in layers):
+        raise UserError(
+            f"config field 'model.compile': {type(layers[0]).__name__} is checkpointed from outside the layer (not a "
+            "transformers GradientCheckpointingLayer; transformers >= 4.52 models are), so compile and "
+            "gradient_checkpointing cannot be combined for this model; turn one of them off"
+        )
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def _checkpoints_inside(layer: nn.Module) -> bool:
+    """True when transformers checkpoints ``layer`` inside its own call (so compiling the call covers it)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return isinstance(layer, GradientCheckpointingLayer)
