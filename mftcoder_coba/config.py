@@ -82,8 +82,11 @@ class OptimConfig:
     """Precision of the optimizer's own copy of the weights, of its gradients and of Adam's moments when
     ``model.dtype`` is bf16. ``fp32``: DeepSpeed's usual mixed precision (12 bytes per parameter beyond the bf16
     weights and gradients). ``bf16``: DeepSpeed's ``bf16_master_weights_and_grads`` + ``bf16_optimizer_states``
-    (6 bytes per parameter; ZeRO stage 1-3 only): 7 GB less for a 1.2B model, but updates smaller than a bf16
-    weight's rounding step are lost, so use it when memory, not precision, is the limit."""
+    (6 bytes per parameter; ZeRO stage 1-3 only): 7 GB less for a 1.2B model; see ``stochastic_rounding``."""
+    stochastic_rounding: bool = True
+    """With ``master_weights: bf16``: update with this project's AdamW that rounds weights and moments
+    stochastically (``training/bf16_adamw.py``), so updates below a bf16 weight's rounding step survive in
+    expectation. ``false``: PyTorch's AdamW, rounding to nearest, which drops them. Ignored with fp32 masters."""
     fused: bool | Literal["auto"] = "auto"
     """torch.optim.AdamW(fused=True) (CUDA only); ``auto`` = on CUDA. The optimizer is always PyTorch's
     AdamW passed through DeepSpeed (``torch_adam``), so no DeepSpeed C++ optimizer op is compiled."""

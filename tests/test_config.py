@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from train_fixtures import REPO, TINY_LLAMA, prepared, run_data, write_config  # noqa: F401  (fixture)
 
@@ -76,6 +77,13 @@ def test_deepspeed_config_from_file_with_run_config_overriding(tmp_path: Path) -
     cfg.optim.master_weights, cfg.model.dtype = "bf16", "bf16"
     bf16 = ds_config.build(cfg, world_size=1, on_cuda=False)["bf16"]
     assert bf16 == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    stochastic = ds_config.build(cfg, world_size=1, on_cuda=False)  # the default: the project's bf16 AdamW
+    assert "optimizer" not in stochastic and stochastic["zero_allow_untested_optimizer"] is True
+    assert type(ds_config.client_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.ones(2))]}])).__name__ \
+        == "StochasticRoundingAdamW"
+    cfg.optim.stochastic_rounding = False
+    assert ds_config.build(cfg, world_size=1, on_cuda=False)["optimizer"]["type"] == "AdamW"
+    assert ds_config.client_optimizer(cfg, []) is None
     for stage in range(4):
         on_disk = json.loads((REPO / "launch" / f"ds_zero{stage}.json").read_text())
         assert on_disk["zero_optimization"]["stage"] == stage and "scheduler" not in on_disk

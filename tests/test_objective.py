@@ -82,6 +82,7 @@ def _rank_gradient(rank: int, world_size: int, port: int, cfg, rows: np.ndarray,
         engine.destroy()
     if rank == 0:
         np.savez(out, **results)
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
     torch.distributed.destroy_process_group()
 
 

@@ -101,23 +101,41 @@ def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path
 
 
 def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
-    """optim.master_weights: bf16 reaches DeepSpeed: the saved master partition and Adam moments are bf16, and
-    training follows the fp32-master run of the same bf16 model closely."""
+    """optim.master_weights: bf16 reaches DeepSpeed with both optimizers (stochastic rounding, the default, and
+    PyTorch's AdamW): the saved master partition and Adam moments are bf16, and training follows the
+    fp32-master run of the same bf16 model closely."""
     losses, dtypes = {}, {}
-    for master in ("fp32", "bf16"):
-        cfg = run_config(prepared, tmp_path / master, model={"dtype": "bf16"}, optim={"master_weights": master},
+    for name, optim in (("fp32", {"master_weights": "fp32"}), ("bf16", {"master_weights": "bf16"}),
+                        ("bf16-nearest", {"master_weights": "bf16", "stochastic_rounding": False})):
+        cfg = run_config(prepared, tmp_path / name, model={"dtype": "bf16"}, optim=optim,
                          balancer={"name": "uniform", "options": {}},
                          train={"max_steps": 3, "zero_stage": 1, "tensorboard": False})
         run_dir = train(cfg)
-        losses[master] = [r["loss"] for r in read_metrics(run_dir) if r["step"] > 0]
+        losses[name] = [r["loss"] for r in read_metrics(run_dir) if r["step"] > 0]
         (states,) = (run_dir / "checkpoints" / "step-00000003").glob("engine/*/*optim_states.pt")
         saved = torch.load(states, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         moments = saved["base_optimizer_state"]["state"][0]
-        dtypes[master] = {saved["single_partition_of_fp32_groups"][0].dtype, moments["exp_avg"].dtype,
-                          moments["exp_avg_sq"].dtype}
-    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
-    assert losses["bf16"][0] == losses["fp32"][0]  # same weights before the first update
-    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+        dtypes[name] = {saved["single_partition_of_fp32_groups"][0].dtype, moments["exp_avg"].dtype,
+                        moments["exp_avg_sq"].dtype}
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}, "bf16-nearest": {torch.bfloat16}}
+    for name in ("bf16", "bf16-nearest"):
+        assert losses[name][0] == losses["fp32"][0]  # same weights before the first update
+        np.testing.assert_allclose(losses[name], losses["fp32"], rtol=2e-2)
+
+
+def test_stochastic_rounding_run_resumes_exactly(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The bf16 AdamW's moments, step counts and random streams come back from a checkpoint: a run stopped
+    after step 2 and resumed logs the same steps 3-4 as an uninterrupted run."""
+    def cfg(run: str, steps: int) -> RunConfig:
+        return run_config(prepared, tmp_path / run, model={"dtype": "bf16"},
+                          optim={"master_weights": "bf16", "schedule": "constant", "warmup_steps": 0},
+                          balancer={"name": "uniform", "options": {}},
+                          train={"max_steps": steps, "zero_stage": 1, "tensorboard": False})
+
+    whole = read_metrics(train(cfg("whole", 4)))
+    train(cfg("split", 2))
+    split = read_metrics(train(cfg("split", 4), resume="auto"))
+    assert [r["loss"] for r in split if r["step"] > 2] == [r["loss"] for r in whole if r["step"] > 2]
 
 
 @pytest.mark.parametrize("name", ["famo", "gradnorm", "uncertainty"])

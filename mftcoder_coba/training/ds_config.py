@@ -4,9 +4,11 @@
 overlap, offload, communication options. These keys are then always set from the RunConfig, overriding the
 file: ``train_batch_size`` (global_batch_size), ``train_micro_batch_size_per_gpu`` (micro_batch_size),
 ``gradient_accumulation_steps`` (global / (micro x world)), ``gradient_clipping`` (optim.max_grad_norm),
-``bf16.enabled`` (model.dtype == bf16) and its master-weight precision (optim.master_weights), ``zero_optimization.stage`` (train.zero_stage when set) and
-``optimizer`` (PyTorch AdamW via ``torch_adam``: no DeepSpeed C++ op is compiled). A ``scheduler`` section in
-the file is refused: the schedule is :func:`lr_factor`, given to the engine as a LambdaLR.
+``bf16`` (enabled when model.dtype is bf16; master-weight precision from optim.master_weights),
+``zero_optimization.stage`` (train.zero_stage when set) and ``optimizer`` (PyTorch AdamW via ``torch_adam``:
+no DeepSpeed C++ op is compiled; with bf16 master weights and stochastic rounding the section is dropped and
+:func:`client_optimizer` is passed to the engine instead). A ``scheduler`` section in the file is refused: the
+schedule is :func:`lr_factor`, given to the engine as a LambdaLR.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from mftcoder_coba.config import OptimConfig, RunConfig
 from mftcoder_coba.errors import ConfigError
+from mftcoder_coba.training.bf16_adamw import StochasticRoundingAdamW
 
 
 def load_file(cfg: RunConfig) -> dict[str, Any]:
@@ -56,15 +59,33 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     if o.master_weights == "bf16":
         ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage(cfg)}
-    fused = on_cuda if o.fused == "auto" else o.fused
-    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                              "torch_adam": True}
-    if fused:
-        params["fused"] = True
-    ds["optimizer"] = {"type": "AdamW", "params": params}
+    if uses_stochastic_rounding(cfg):
+        ds.pop("optimizer", None)  # the trainer passes client_optimizer(); ZeRO wraps it like its own
+        ds["zero_allow_untested_optimizer"] = True
+    else:
+        fused = on_cuda if o.fused == "auto" else o.fused
+        params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                                  "torch_adam": True}
+        if fused:
+            params["fused"] = True
+        ds["optimizer"] = {"type": "AdamW", "params": params}
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own step lines out
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def uses_stochastic_rounding(cfg: RunConfig) -> bool:
+    """True when the run trains bf16 masters with :class:`StochasticRoundingAdamW` instead of PyTorch's AdamW."""
+    return cfg.optim.master_weights == "bf16" and cfg.optim.stochastic_rounding
+
+
+def client_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:
+    """The optimizer object the trainer hands DeepSpeed, or None when the config's ``optimizer`` section builds it."""
+    if not uses_stochastic_rounding(cfg):
+        return None
+    o = cfg.optim
+    return StochasticRoundingAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                   seed=cfg.train.seed)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

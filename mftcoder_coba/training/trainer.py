@@ -98,9 +98,12 @@ class _Trainer:
         optim, max_steps = cfg.optim, cfg.train.max_steps
         fused = cfg.train.fused_linear_ce
         self.impl = cfg.train.kernel_impl
+        groups = ds_config.parameter_groups(model, optim.weight_decay)
+        client = ds_config.client_optimizer(cfg, groups)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=TaskLoss(model, fused_linear=plan.zero_stage != 3 if fused == "auto" else fused, impl=self.impl),
-            model_parameters=ds_config.parameter_groups(model, optim.weight_decay),
+            model_parameters=groups if client is None else None,
+            optimizer=client,
             config=ds,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: ds_config.lr_factor(s, optim, max_steps)),
