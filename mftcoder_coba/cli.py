@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mftcoder_coba.export_cmd", "export a run as a plain transformers model directory"),
     "demo": ("mftcoder_coba.demo", "offline end-to-end demo on the shipped corpus (CPU, minutes)"),
     "bench-train": ("mftcoder_coba.bench_train", "training throughput, MFU and memory benchmark"),
-    "bench-activations": ("mftcoder_coba.bench_activations", "bytes each decoder layer keeps for backward"),
+    "bench-memory": ("mftcoder_coba.bench_memory", "training memory by component (activations, engine), any device"),
     "cold-fusion": ("mftcoder_coba.fusion.cold_fusion_cmd", "run ColD Fusion iterations locally"),
     "fuse": ("mftcoder_coba.fusion.fuse_cmd", "average contributor checkpoints into one model"),
 }

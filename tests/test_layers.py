@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mftcoder_coba.bench_activations import saved_bytes
+from mftcoder_coba.bench_memory import saved_bytes
 from mftcoder_coba.config_io import build
 from mftcoder_coba.errors import ConfigError
 from mftcoder_coba.models import ModelConfig, build_model, hidden_states, lm_head
@@ -118,3 +118,18 @@ def test_compiled_layers_share_one_graph_across_layers_and_packings() -> None:
         positions = torch.tensor([list(range(cut)) + list(range(16 - cut)), list(range(16))])
         hidden_states(model, ids, positions).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_bf16_master_weights_hold_fewer_bytes_per_parameter() -> None:
+    """A real DeepSpeed engine (bf16 model): fp32 masters hold 2 (weights) + 4 (master) + 8 (Adam) bytes per
+    parameter between steps and 2 more for the gradients after the last backward; bf16 masters with the
+    stochastic-rounding AdamW hold 2 + 2 + 4, and 2 more."""
+    from mftcoder_coba.bench_memory import measure_engine
+
+    shape = {k: v for k, v in TINY.items() if k != "num_hidden_layers"}
+    fp32 = measure_engine(shape, "bf16", zero_stage=0, master_weights="fp32")
+    bf16 = measure_engine(shape, "bf16", zero_stage=1, master_weights="bf16")
+    assert fp32.bytes_per_param_between_steps == pytest.approx(14.0, rel=0.02)
+    assert fp32.bytes_per_param_at_boundary == pytest.approx(16.0, rel=0.02)
+    assert bf16.bytes_per_param_between_steps == pytest.approx(8.0, rel=0.02)
+    assert bf16.bytes_per_param_at_boundary == pytest.approx(10.0, rel=0.02)

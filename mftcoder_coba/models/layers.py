@@ -12,7 +12,7 @@ Llama layers keep about 109 KB per token per layer for backward (hidden 2048, ML
 * ``compile``: ``torch.compile`` of every decoder layer (regional compilation: one graph shared by all layers,
   compiled once), fusing the element-wise work; inductor's partitioner also saves less than eager does.
 
-``python -m mftcoder_coba.bench_activations`` measures the bytes each choice keeps (on any device, the CPU too).
+``mftcoder-coba bench-memory`` measures the bytes each choice keeps (on any device, the CPU too).
 """
 from __future__ import annotations
 
