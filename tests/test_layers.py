@@ -58,11 +58,13 @@ def test_layer_options_keep_loss_and_gradients(checkpointing: bool | str, compil
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_compiled_cgc_lora_reads_each_batch_task_ids() -> None:
-    """CGC-LoRA's gates read task ids set outside the compiled layers: a new batch's ids must be used."""
+@pytest.mark.parametrize("adapter", ["lora", "cgc_lora"])
+def test_compiled_adapters_match_eager(adapter: str) -> None:
+    """Adapters under compile: peft LoRA, and CGC-LoRA, whose gates read task ids set outside the compiled
+    layers (a new batch's ids must be used, not those seen when the graph was compiled)."""
     torch._dynamo.reset()
-    eager = build_model(_cfg(adapter="cgc_lora"), VOCAB, 3)
-    compiled = build_model(_cfg(adapter="cgc_lora", compile=True), VOCAB, 3)
+    eager = build_model(_cfg(adapter=adapter, lora={"dropout": 0.0}), VOCAB, 3)
+    compiled = build_model(_cfg(adapter=adapter, lora={"dropout": 0.0}, compile=True), VOCAB, 3)
     with torch.no_grad():
         for p in eager.parameters():
             if p.requires_grad:

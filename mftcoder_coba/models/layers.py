@@ -1,8 +1,8 @@
 """How each decoder layer runs: gradient checkpointing (full or selective) and regional ``torch.compile``.
 
-Activations, not weights, fill most of a 1B model's training memory at 4096-token rows: eager transformers
-Llama layers keep about 109 KB per token per layer for backward (hidden 2048, MLP 8192, bf16), i.e. 13 GiB for
-16 layers x 8192 tokens. Three knobs trade that against compute:
+Activations fill much of a 1B model's training memory at 4096-token rows: eager transformers Llama layers
+keep about 117 KB per token per layer for backward (hidden 2048, MLP 8192, bf16), i.e. 14.3 GiB for 16 layers
+x 8192 tokens. Three knobs trade that against compute:
 
 * ``gradient_checkpointing: full``: keep only each layer's input and recompute the whole layer in backward
   (4 KB per token per layer, about a third more compute);
