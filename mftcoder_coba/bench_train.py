@@ -177,6 +177,8 @@ def run_benchmark(modes: list[str], *, tiny: bool, steps: int, warmup_steps: int
         raise UserError("bench-train: the 1B workload needs a CUDA GPU; use --tiny on a CPU")
     work = workload(tiny, on_cuda)
     knobs = knobs or Knobs()
+    if knobs.master_weights == "bf16":  # bf16 masters need a bf16 model, on the CPU too
+        work = Workload(**{**asdict(work), "dtype": "bf16"})
     knobs = Knobs(**{**asdict(knobs), "attn": resolve_attn_implementation(knobs.attn, DTYPES[work.dtype])})
     with _work_dir(work_dir) as root:
         data = make_shards(root / "data", work)

@@ -29,14 +29,17 @@ def test_cli_smoke_writes_json_and_table(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_memory_knobs_reach_the_trainer(tmp_path: Path) -> None:
-    """--compile, selective checkpointing and ZeRO-1 run through the trainer and are named in the report."""
+    """--compile, selective checkpointing, ZeRO-1 and bf16 masters run through the trainer and are named in the
+    report (bf16 masters make the tiny CPU model bf16 too)."""
     out = tmp_path / "bench"
     assert cli(["bench-train", "--tiny", "--modes", "uniform", "--steps", "1", "--warmup-steps", "1", "--compile",
-                "--gradient-checkpointing", "selective", "--zero-stage", "1", "--out", str(out)]) == 0
-    report = json.loads((out / "cpu_sdpa_zero1_selective-ckpt_compile-tiny.json").read_text())
+                "--gradient-checkpointing", "selective", "--zero-stage", "1", "--master-weights", "bf16",
+                "--out", str(out)]) == 0
+    report = json.loads((out / "cpu_sdpa_zero1_selective-ckpt_compile_bf16-master-tiny.json").read_text())
     work = report["workload"]
     assert work["compile"] is True and work["gradient_checkpointing"] == "selective" and work["zero_stage"] == 1
-    assert "zero1 selective-ckpt compile" in report["table"]
+    assert work["master_weights"] == "bf16" and work["dtype"] == "bf16"
+    assert "zero1 selective-ckpt compile bf16-master" in report["table"]
     assert np.isfinite(report["results"][0]["final_loss"])
 
 
