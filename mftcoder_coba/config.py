@@ -88,8 +88,9 @@ class OptimConfig:
     stochastically (``training/bf16_adamw.py``), so updates below a bf16 weight's rounding step survive in
     expectation. ``false``: PyTorch's AdamW, rounding to nearest, which drops them. Ignored with fp32 masters."""
     fused: bool | Literal["auto"] = "auto"
-    """torch.optim.AdamW(fused=True) (CUDA only); ``auto`` = on CUDA. The optimizer is always PyTorch's
-    AdamW passed through DeepSpeed (``torch_adam``), so no DeepSpeed C++ optimizer op is compiled."""
+    """torch.optim.AdamW(fused=True) (CUDA only); ``auto`` = on CUDA. The optimizer is PyTorch's AdamW passed
+    through DeepSpeed (``torch_adam``, so no DeepSpeed C++ optimizer op is compiled), or with bf16 masters and
+    stochastic rounding this project's own, which this setting does not affect."""
 
     def validate(self) -> None:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
