@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 ACTIVATION_VARIANTS: tuple[tuple[bool | str, bool], ...] = (
     (False, False), (True, False), (False, True), ("selective", True), (True, True),
 )
-# (ZeRO stage, master_weights): the engine variants (DeepSpeed allows bf16 masters from ZeRO-1 on).
-ENGINE_VARIANTS: tuple[tuple[int, str], ...] = ((0, "fp32"), (1, "bf16"))
+# (ZeRO stage, master_weights): the engine variants, each with its default gradient accumulation dtype
+# (bf16 at ZeRO-0, fp32 from ZeRO-1 on with fp32 masters, bf16 with bf16 masters).
+ENGINE_VARIANTS: tuple[tuple[int, str], ...] = ((0, "fp32"), (1, "fp32"), (1, "bf16"))
 BENCH_TRAIN_TOKENS = 2 * 4096  # bench-train's micro-batch
 VOCAB = 1024  # the embedding is outside the activation difference; keep it small
 
@@ -62,11 +63,12 @@ class ActivationRow:
 class EngineRow:
     zero_stage: int
     master_weights: str
+    grad_accum_dtype: str
     bytes_per_param_at_boundary: float
     bytes_per_param_between_steps: float
 
     def label(self) -> str:
-        return f"ZeRO-{self.zero_stage}, {self.master_weights} master"
+        return f"ZeRO-{self.zero_stage}, {self.master_weights} master, {self.grad_accum_dtype} grads"
 
 
 def saved_bytes(model: torch.nn.Module, tokens: int) -> int:
@@ -105,14 +107,23 @@ def measure_activations(shape: dict[str, Any], tokens: int, dtype: str, checkpoi
     return ActivationRow(checkpointing, compiled, (per_depth[1] - per_depth[0]) / tokens)
 
 
-def _live_storages() -> dict[tuple[str, int], int]:
-    """Every tensor storage reachable by the garbage collector, by (device, address)."""
-    found: dict[tuple[str, int], int] = {}
+def _live_storages() -> dict[tuple[str, int], torch.UntypedStorage]:
+    """Every tensor storage reachable by the garbage collector, by (device, address).
+
+    The storages themselves are returned: holding them keeps their memory from being freed and its address
+    handed to a new tensor, which would otherwise be mistaken for one that existed before."""
+    gc.collect()
+    found: dict[tuple[str, int], torch.UntypedStorage] = {}
     for obj in gc.get_objects():
         if type(obj) in (torch.Tensor, torch.nn.Parameter) and not obj.is_meta:  # no fake/compiler tensors
             storage = obj.untyped_storage()
-            found[(str(obj.device), storage.data_ptr())] = storage.nbytes()
+            found[(str(obj.device), storage.data_ptr())] = storage
     return found
+
+
+def _new_bytes(before: dict[tuple[str, int], torch.UntypedStorage]) -> int:
+    """Bytes of the storages alive now that were not alive (and held) in ``before``."""
+    return sum(storage.nbytes() for key, storage in _live_storages().items() if key not in before)
 
 
 def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_weights: str) -> EngineRow:
@@ -132,7 +143,6 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
         "optim": {"master_weights": master_weights},
         "train": {"zero_stage": zero_stage, "micro_batch_size": 1, "global_batch_size": world.size},
     })
-    gc.collect()
     before = _live_storages()
     model = build_model(cfg.model, VOCAB, 2)
     n_params = sum(p.numel() for p in model.parameters())
@@ -145,17 +155,14 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
     rows = {"input_ids": rng.integers(0, VOCAB, (1, 64)), "labels": rng.integers(0, VOCAB, (1, 64)),
             "task_ids": np.zeros((1, 64), dtype=np.int64), "position_ids": np.arange(64)[None]}
     counts = loss_token_counts([rows], 2)
-    held = {}
     for _ in range(2):  # the second step has every lazily created buffer (optimizer state) in place
         accumulate_gradients(engine, [rows], np.array([0.5, 0.5]), counts, world.device)
-        gc.collect()
-        held["boundary"] = _live_storages()
+        boundary = _new_bytes(before)
         engine.step()
-    gc.collect()
-    held["between"] = _live_storages()
-    per_param = {k: sum(v for key, v in found.items() if key not in before) / n_params for k, found in held.items()}
+    between = _new_bytes(before)
     engine.destroy()
-    return EngineRow(zero_stage, master_weights, per_param["boundary"], per_param["between"])
+    return EngineRow(zero_stage, master_weights, ds_config.grad_accum_dtype(cfg) if dtype == "bf16" else dtype,
+                     boundary / n_params, between / n_params)
 
 
 def parameter_count(shape: dict[str, Any]) -> int:

@@ -129,6 +129,13 @@ class TrainConfig:
     """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
     log_every: int = 10
     """Steps between log lines (metrics.jsonl and TensorBoard get every step)."""
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision in which a bf16 model's gradients are summed over micro-batches. ``auto``: fp32 with ZeRO 1-3
+    and fp32 master weights, else bf16 (DeepSpeed 0.19 has no fp32 accumulation for bf16 models at ZeRO-0, and
+    bf16 masters keep bf16 gradients). fp32 keeps the sum of many micro-batches exact to fp32 and costs 2 bytes
+    per parameter (summed into the fp32 copy as backward produces each gradient); bf16 rounds after every
+    micro-batch. On one GPU ZeRO-1 partitions nothing, so ``zero_stage: 1`` is the way to fp32 accumulation
+    there. Ignored for fp32 models."""
     fused_linear_ce: bool | Literal["auto"] = "auto"
     """Compute the loss from the last hidden state and the LM head weight without materialising logits.
     ``auto`` = on unless ZeRO-3 partitions the LM head weight (then the head module runs and the per-task

@@ -84,6 +84,24 @@ def test_deepspeed_config_from_file_with_run_config_overriding(tmp_path: Path) -
     cfg.optim.stochastic_rounding = False
     assert ds_config.build(cfg, world_size=1, on_cuda=False)["optimizer"]["type"] == "AdamW"
     assert ds_config.client_optimizer(cfg, []) is None
+
+
+@pytest.mark.parametrize(("stage", "master", "requested", "resolved"), [
+    (0, "fp32", "auto", "bf16"),   # DeepSpeed 0.19: no fp32 accumulation for bf16 models at ZeRO-0
+    (1, "fp32", "auto", "fp32"),
+    (2, "fp32", "auto", "fp32"),
+    (1, "bf16", "auto", "bf16"),   # bf16 masters keep bf16 gradients
+    (1, "fp32", "bf16", "bf16"),
+])
+def test_gradient_accumulation_dtype_of_bf16_models(tmp_path: Path, stage: int, master: str, requested: str,
+                                                    resolved: str) -> None:
+    data = {**_minimal(tmp_path), "model": {"model_config": dict(TINY_LLAMA), "dtype": "bf16"},
+            "optim": {"master_weights": master}, "train": {"zero_stage": stage, "grad_accum_dtype": requested}}
+    ds = ds_config.build(config_io.build(RunConfig, data), world_size=1, on_cuda=False)
+    assert ds["data_types"]["grad_accum_dtype"] == resolved
+    assert ds["bf16"].get("immediate_grad_update", False) is (resolved == "fp32")
+    data["model"]["dtype"] = "fp32"
+    assert "data_types" not in ds_config.build(config_io.build(RunConfig, data), world_size=1, on_cuda=False)
     for stage in range(4):
         on_disk = json.loads((REPO / "launch" / f"ds_zero{stage}.json").read_text())
         assert on_disk["zero_optimization"]["stage"] == stage and "scheduler" not in on_disk
@@ -117,6 +135,11 @@ def _no_expensive_work(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"optim": {"master_weights": "bf16"}, "model": {"dtype": "bf16"}, "train": {"zero_stage": 0}}, {},
      "config field 'optim.master_weights': 'bf16' needs model.dtype 'bf16' and ZeRO stage 1, 2 or 3"),
     ({"model": {"gradient_checkpointing": "partial"}}, {}, "config field 'model.gradient_checkpointing'"),
+    ({"model": {"dtype": "bf16"}, "train": {"grad_accum_dtype": "fp32", "zero_stage": 0}}, {},
+     "config field 'train.grad_accum_dtype': 'fp32' needs ZeRO stage 1-3 for a bf16 model"),
+    ({"model": {"dtype": "bf16"}, "optim": {"master_weights": "bf16"},
+      "train": {"grad_accum_dtype": "fp32", "zero_stage": 1}}, {},
+     "config field 'train.grad_accum_dtype': 'fp32' cannot go with optim.master_weights 'bf16'"),
 ])
 def test_cli_refuses_bad_config_in_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: F811
                                             monkeypatch: pytest.MonkeyPatch, sections: dict, env: dict,

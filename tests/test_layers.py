@@ -122,16 +122,16 @@ def test_compiled_layers_share_one_graph_across_layers_and_packings() -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_bf16_master_weights_hold_fewer_bytes_per_parameter() -> None:
-    """A real DeepSpeed engine (bf16 model): fp32 masters hold 2 (weights) + 4 (master) + 8 (Adam) bytes per
-    parameter between steps and 2 more for the gradients after the last backward; bf16 masters with the
-    stochastic-rounding AdamW hold 2 + 2 + 4, and 2 more."""
+def test_engine_bytes_per_parameter() -> None:
+    """A real DeepSpeed engine on a bf16 model, bytes per parameter between steps / after the last backward:
+    ZeRO-0 (bf16 gradient sums) 2 weights + 4 fp32 master + 8 Adam, + 2 gradients; ZeRO-1 with fp32 gradient
+    sums, each gradient added into a kept fp32 buffer in backward: 2 + 4 + 8 + 4 at both points; bf16 masters
+    with the stochastic-rounding AdamW: 2 + 2 + 4, + 2."""
     from mftcoder_coba.bench_memory import measure_engine
 
     shape = {k: v for k, v in TINY.items() if k != "num_hidden_layers"}
-    fp32 = measure_engine(shape, "bf16", zero_stage=0, master_weights="fp32")
-    bf16 = measure_engine(shape, "bf16", zero_stage=1, master_weights="bf16")
-    assert fp32.bytes_per_param_between_steps == pytest.approx(14.0, rel=0.02)
-    assert fp32.bytes_per_param_at_boundary == pytest.approx(16.0, rel=0.02)
-    assert bf16.bytes_per_param_between_steps == pytest.approx(8.0, rel=0.02)
-    assert bf16.bytes_per_param_at_boundary == pytest.approx(10.0, rel=0.02)
+    rows = [measure_engine(shape, "bf16", stage, master) for stage, master in ((0, "fp32"), (1, "fp32"), (1, "bf16"))]
+    assert [r.grad_accum_dtype for r in rows] == ["bf16", "fp32", "bf16"]
+    measured = [(r.bytes_per_param_between_steps, r.bytes_per_param_at_boundary) for r in rows]
+    for got, want in zip(measured, [(14.0, 16.0), (18.0, 18.0), (8.0, 10.0)]):
+        assert got == pytest.approx(want, rel=0.02), measured

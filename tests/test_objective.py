@@ -134,3 +134,41 @@ def test_head_gradient_norms_are_those_of_each_unweighted_task_loss(prepared: Pa
             continue
         (grad,) = torch.autograd.grad(ce[(tasks == k) & counted].mean(), head, retain_graph=True)
         assert norms[k] == pytest.approx(grad.norm().item(), rel=1e-5)
+
+
+def test_fp32_gradient_accumulation_of_a_bf16_model_is_closer_to_float64(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    """train.grad_accum_dtype: 32 micro-batches of a bf16 model through a ZeRO-1 engine. Summed in fp32 (the
+    default there: DeepSpeed's bf16 optimizer, each gradient added to the fp32 copy in backward) the step's
+    gradient is nearer the float64 gradient of the same weights than summed in bf16; the bf16 forward and
+    backward themselves are the same in both, so the difference is the accumulation's rounding."""
+    import deepspeed
+
+    from mftcoder_coba.data import PackedDataset
+    from mftcoder_coba.models import build_model
+    from mftcoder_coba.training import distributed, ds_config
+    from mftcoder_coba.training.objective import TaskLoss, accumulate_gradients
+
+    distributed.init()  # world size 1, as the trainer runs in-process
+    dataset = PackedDataset(prepared / "train")
+    rows = dataset.rank_order(0, 0, 1, 5)[:32]
+    micro = [dataset.rows(rows[i:i + 1]) for i in range(32)]
+    counts = loss_token_counts(micro, len(WEIGHTS))
+    errors, kinds = {}, {}
+    for accum in ("fp32", "bf16"):
+        cfg = run_config(prepared, tmp_path / accum, model={"dtype": "bf16"},
+                         train={"micro_batch_size": 1, "global_batch_size": 32, "zero_stage": 1,
+                                "grad_accum_dtype": accum})
+        model = build_model(cfg.model, dataset.vocab_size, len(dataset.tasks))
+        engine, *_ = deepspeed.initialize(model=TaskLoss(model, fused_linear=True, impl="torch"),
+                                          model_parameters=ds_config.parameter_groups(model, 0.0),
+                                          config=ds_config.build(cfg, 1, on_cuda=False))
+        kinds[accum] = (type(engine.optimizer).__name__, engine.get_data_types()[1])
+        accumulate_gradients(engine, micro, WEIGHTS, counts, torch.device("cpu"))
+        got = {name.removeprefix("module."): deepspeed.utils.safe_get_full_grad(p).double()
+               for name, p in engine.module.named_parameters()}
+        want = _reference_gradient(cfg, dataset, rows)
+        errors[accum] = (sum(float(((got[n] - torch.as_tensor(g)) ** 2).sum()) for n, g in want.items())
+                         / sum(float((torch.as_tensor(g) ** 2).sum()) for g in want.values())) ** 0.5
+        engine.destroy()
+    assert kinds == {"fp32": ("BF16_Optimizer", torch.float32), "bf16": ("DeepSpeedZeroOptimizer", torch.bfloat16)}
+    assert errors["fp32"] < 0.85 * errors["bf16"], errors

@@ -5,6 +5,7 @@ overlap, offload, communication options. These keys are then always set from the
 file: ``train_batch_size`` (global_batch_size), ``train_micro_batch_size_per_gpu`` (micro_batch_size),
 ``gradient_accumulation_steps`` (global / (micro x world)), ``gradient_clipping`` (optim.max_grad_norm),
 ``bf16`` (enabled when model.dtype is bf16; master-weight precision from optim.master_weights),
+``data_types.grad_accum_dtype`` (train.grad_accum_dtype, for bf16 models),
 ``zero_optimization.stage`` (train.zero_stage when set) and ``optimizer`` (PyTorch AdamW via ``torch_adam``:
 no DeepSpeed C++ op is compiled; with bf16 master weights and stochastic rounding the section is dropped and
 :func:`client_optimizer` is passed to the engine instead). A ``scheduler`` section in the file is refused: the
@@ -58,6 +59,11 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.dtype == "bf16"}
     if o.master_weights == "bf16":
         ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    if cfg.model.dtype == "bf16":
+        accum = grad_accum_dtype(cfg)
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": accum}
+        if accum == "fp32":  # add each gradient into the fp32 copy in backward and free it (DeepSpeed's bf16 optimizer)
+            ds["bf16"].setdefault("immediate_grad_update", True)
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage(cfg)}
     if uses_stochastic_rounding(cfg):
         ds.pop("optimizer", None)  # the trainer passes client_optimizer(); ZeRO wraps it like its own
@@ -72,6 +78,13 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own step lines out
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def grad_accum_dtype(cfg: RunConfig) -> str:
+    """``train.grad_accum_dtype`` resolved: ``auto`` is fp32 with ZeRO 1-3 and fp32 masters, else bf16."""
+    if cfg.train.grad_accum_dtype != "auto":
+        return cfg.train.grad_accum_dtype
+    return "fp32" if cfg.optim.master_weights == "fp32" and zero_stage(cfg) >= 1 else "bf16"
 
 
 def uses_stochastic_rounding(cfg: RunConfig) -> bool:

@@ -93,6 +93,11 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
           "not supported with ZeRO-3 (its parameter gathering hooks run inside each compiled layer); use zero_stage <= 2")
     check(cfg.optim.master_weights == "fp32" or (cfg.model.dtype == "bf16" and stage in (1, 2, 3)),
           "optim.master_weights", "'bf16' needs model.dtype 'bf16' and ZeRO stage 1, 2 or 3 (DeepSpeed's rule)")
+    if cfg.model.dtype == "bf16" and cfg.train.grad_accum_dtype == "fp32":
+        check(cfg.optim.master_weights == "fp32", "train.grad_accum_dtype",
+              "'fp32' cannot go with optim.master_weights 'bf16' (bf16 masters keep bf16 gradients)")
+        check(stage >= 1, "train.grad_accum_dtype", "'fp32' needs ZeRO stage 1-3 for a bf16 model (DeepSpeed 0.19); "
+              "on one GPU zero_stage 1 partitions nothing")
     t = cfg.train
     check(t.global_batch_size % (t.micro_batch_size * world_size) == 0, "train.global_batch_size",
           f"{t.global_batch_size} rows do not split over {world_size} ranks x micro_batch_size {t.micro_batch_size}")
