@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check and benchmark that needs a CUDA GPU, in one go (about 25 minutes on one H100), so a machine with
+# Every check and benchmark that needs a CUDA GPU, in one go (about 30 minutes on one H100), so a machine with
 # a GPU for a short while yields the whole picture: the GPU-marked tests (kernels on CUDA, offsets past 2^31,
 # torch.compile / CUDA graphs, packed FlexAttention), the kernel table, and bench-train with each memory/speed
 # setting. Results and logs go to OUT_DIR (default gpu_results/); commit the tables that matter under
@@ -28,6 +28,7 @@ run() {  # run NAME CMD...: log to OUT_DIR/NAME.log, remember a failure, keep go
 run gpu_tests "$PY" -m pytest -q -m gpu tests
 run kernels "$PY" -m mftcoder_coba.kernels.bench --out "$OUT_DIR"
 run train_eager "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --out "$OUT_DIR"
+run train_zero1 "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --zero-stage 1 --out "$OUT_DIR"  # fp32 gradient sums
 run train_compile "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --compile --out "$OUT_DIR"
 run train_selective "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --compile \
   --gradient-checkpointing selective --out "$OUT_DIR"
