@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mftcoder_coba.bench_train import LLAMA_1B, TINY, environment
+from mftcoder_coba.bench_train import LLAMA_1B, TINY, environment, write_files
 from mftcoder_coba.models import ModelConfig, build_model, causal_lm, hidden_states
 
 log = logging.getLogger(__name__)
@@ -260,11 +258,7 @@ def main(args: argparse.Namespace) -> int:
     if args.tokens < 4:
         raise UserError("--tokens must be >= 4")
     report = run(args.tiny, args.tokens)
-    slug = re.sub(r"[^a-z0-9]+", "-", report["environment"]["device"].lower()).strip("-")
-    stem = f"memory_{slug}" + ("-tiny" if args.tiny else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / f"{stem}.md").write_text(report["table"] + "\n", encoding="utf-8")
+    json_path, md_path = write_files(report, args.out, [], args.tiny, prefix="memory_")
     print(report["table"])
-    print(f"\nwrote {args.out / stem}.json and .md")
+    print(f"\nwrote {json_path} and {md_path}")
     return 0

@@ -371,10 +371,17 @@ def environment() -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """``<device>[-tiny].json`` (everything) and ``.md`` (the table) in ``out``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", report["environment"]["device"].lower()).strip("-")
+    """``<device>_<attention>_<settings>[-tiny].json`` (everything) and ``.md`` (the table) in ``out``."""
     work = report["workload"]
-    stem = "_".join([slug, work["attn_implementation"], work["label"].replace(" ", "_")]) + ("-tiny" if work["tiny"] else "")
+    return write_files(report, out, [work["attn_implementation"], work["label"].replace(" ", "_")], work["tiny"])
+
+
+def write_files(report: dict[str, Any], out: Path, parts: list[str], tiny: bool, prefix: str = ""
+                ) -> tuple[Path, Path]:
+    """A benchmark report as ``<prefix><device>_<parts...>[-tiny]``: ``.json`` (everything) and ``.md`` (its
+    table), the device name made file-safe."""
+    slug = re.sub(r"[^a-z0-9]+", "-", report["environment"]["device"].lower()).strip("-")
+    stem = prefix + "_".join([slug, *parts]) + ("-tiny" if tiny else "")
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
