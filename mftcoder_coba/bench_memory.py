@@ -126,8 +126,6 @@ def _new_bytes(before: dict[tuple[str, int], torch.UntypedStorage]) -> int:
 
 def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_weights: str) -> EngineRow:
     """Bytes per parameter a real DeepSpeed engine holds: after a step's last backward and after its step."""
-    import deepspeed
-
     from mftcoder_coba import config_io
     from mftcoder_coba.config import RunConfig
     from mftcoder_coba.training import distributed, ds_config
@@ -144,11 +142,8 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
     before = _live_storages()
     model = build_model(cfg.model, VOCAB, 2)
     n_params = sum(p.numel() for p in model.parameters())
-    groups = ds_config.parameter_groups(model, cfg.optim.weight_decay)
-    client = ds_config.client_optimizer(cfg, groups)
-    engine, *_ = deepspeed.initialize(model=TaskLoss(model, fused_linear=True),
-                                      model_parameters=groups if client is None else None, optimizer=client,
-                                      config=ds_config.build(cfg, world.size, on_cuda=world.device.type == "cuda"))
+    engine, _ = ds_config.initialize(cfg, TaskLoss(model, fused_linear=True), world.size,
+                                     on_cuda=world.device.type == "cuda")
     rng = np.random.default_rng(0)
     rows = {"input_ids": rng.integers(0, VOCAB, (1, 64)), "labels": rng.integers(0, VOCAB, (1, 64)),
             "task_ids": np.zeros((1, 64), dtype=np.int64), "position_ids": np.arange(64)[None]}
@@ -159,7 +154,7 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
         engine.step()
     between = _new_bytes(before)
     engine.destroy()
-    return EngineRow(zero_stage, master_weights, ds_config.grad_accum_dtype(cfg) if dtype == "bf16" else dtype,
+    return EngineRow(zero_stage, master_weights, ds_config.grad_accum_dtype(cfg, zero_stage) if dtype == "bf16" else dtype,
                      boundary / n_params, between / n_params)
 
 

@@ -51,7 +51,7 @@ def zero_stage(cfg: RunConfig) -> int:
 def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     """The complete DeepSpeed config dict for this run and world size."""
     ds = load_file(cfg)
-    t, o = cfg.train, cfg.optim
+    t, o, stage = cfg.train, cfg.optim, zero_stage(cfg)
     ds["train_batch_size"] = t.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * world_size)
@@ -60,13 +60,13 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     if o.master_weights == "bf16":
         ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     if cfg.model.dtype == "bf16":
-        accum = grad_accum_dtype(cfg)
+        accum = grad_accum_dtype(cfg, stage)
         ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": accum}
         if accum == "fp32":  # add each gradient into the fp32 copy in backward and free it (DeepSpeed's bf16 optimizer)
             ds["bf16"].setdefault("immediate_grad_update", True)
-    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage(cfg)}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
     if uses_stochastic_rounding(cfg):
-        ds.pop("optimizer", None)  # the trainer passes client_optimizer(); ZeRO wraps it like its own
+        ds.pop("optimizer", None)  # initialize() passes client_optimizer(); ZeRO wraps it like its own
         ds["zero_allow_untested_optimizer"] = True
     else:
         fused = on_cuda if o.fused == "auto" else o.fused
@@ -80,11 +80,12 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     return ds
 
 
-def grad_accum_dtype(cfg: RunConfig) -> str:
-    """``train.grad_accum_dtype`` resolved: ``auto`` is fp32 with ZeRO 1-3 and fp32 masters, else bf16."""
+def grad_accum_dtype(cfg: RunConfig, stage: int) -> str:
+    """``train.grad_accum_dtype`` resolved for ZeRO ``stage``: ``auto`` is fp32 with ZeRO 1-3 and fp32 masters,
+    else bf16."""
     if cfg.train.grad_accum_dtype != "auto":
         return cfg.train.grad_accum_dtype
-    return "fp32" if cfg.optim.master_weights == "fp32" and zero_stage(cfg) >= 1 else "bf16"
+    return "fp32" if cfg.optim.master_weights == "fp32" and stage >= 1 else "bf16"
 
 
 def uses_stochastic_rounding(cfg: RunConfig) -> bool:
@@ -99,6 +100,25 @@ def client_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.opti
     o = cfg.optim
     return StochasticRoundingAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                    seed=cfg.train.seed)
+
+
+def initialize(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_cuda: bool) -> tuple[Any, Any]:
+    """``(engine, lr_scheduler)``: DeepSpeed's engine for ``module`` with this run's config, its parameters in
+    weight-decay groups, the optimizer :func:`client_optimizer` gives (else the config's section builds one) and
+    the :func:`lr_factor` schedule. The trainer and ``bench-memory`` both build their engine here."""
+    import deepspeed
+
+    groups = parameter_groups(module, cfg.optim.weight_decay)
+    client = client_optimizer(cfg, groups)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=groups if client is None else None,
+        optimizer=client,
+        config=build(cfg, world_size, on_cuda),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps)),
+    )
+    return engine, scheduler
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

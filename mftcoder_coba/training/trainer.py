@@ -88,26 +88,15 @@ class _Trainer:
 
     def __init__(self, cfg: RunConfig, plan: preflight.Plan, world: distributed.World,
                  model: torch.nn.Module) -> None:
-        import deepspeed
-
         self.cfg, self.plan, self.world = cfg, plan, world
         self.balancer = plan.balancer
         self.tasks = plan.train.tasks
         self.num_tasks = len(self.tasks)
-        ds = ds_config.build(cfg, world.size, on_cuda=world.device.type == "cuda")
-        optim, max_steps = cfg.optim, cfg.train.max_steps
         fused = cfg.train.fused_linear_ce
         self.impl = cfg.train.kernel_impl
-        groups = ds_config.parameter_groups(model, optim.weight_decay)
-        client = ds_config.client_optimizer(cfg, groups)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=TaskLoss(model, fused_linear=plan.zero_stage != 3 if fused == "auto" else fused, impl=self.impl),
-            model_parameters=groups if client is None else None,
-            optimizer=client,
-            config=ds,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: ds_config.lr_factor(s, optim, max_steps)),
-        )
+        self.engine, self.scheduler = ds_config.initialize(
+            cfg, TaskLoss(model, fused_linear=plan.zero_stage != 3 if fused == "auto" else fused, impl=self.impl),
+            world.size, on_cuda=world.device.type == "cuda")
         self.model = self.engine.module.module
         self.step = 0
         position = DataPosition()
