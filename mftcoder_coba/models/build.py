@@ -61,8 +61,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
     hf_config = check_model(cfg, vocab_size)
     dtype = torch_dtype(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation, dtype)
+    checkpointing = checkpointing_kwargs(cfg.gradient_checkpointing)
     if cfg.path is not None:
-        model = _load_pretrained(cfg, hf_config, dtype, attn)
+        model = _load_pretrained(cfg, hf_config, dtype, attn, checkpointing)
     else:
         log.info("building a random-init %s model (seed %d, %s, attention %s)", hf_config.model_type, cfg.init_seed,
                  cfg.dtype, attn)
@@ -72,8 +73,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
                 hf_config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
             )
     model.config.use_cache = False
-    checkpointing = checkpointing_kwargs(cfg.gradient_checkpointing)
-    if checkpointing is not None and cfg.adapter != "qlora":
+    if checkpointing is not None and cfg.adapter != "qlora":  # QLoRA's preparation turns it on itself
         enable_checkpointing(model, checkpointing)
     model = _add_adapter(model, cfg, num_tasks)
     if cfg.compile:
@@ -152,7 +152,8 @@ def _require_qlora() -> None:
         )
 
 
-def _load_pretrained(cfg: ModelConfig, hf_config: PretrainedConfig, dtype: torch.dtype, attn: str) -> nn.Module:
+def _load_pretrained(cfg: ModelConfig, hf_config: PretrainedConfig, dtype: torch.dtype, attn: str,
+                     checkpointing: dict | None) -> nn.Module:
     """The weights of ``cfg.path``; for QLoRA in 4-bit NF4 (double quantisation, compute in ``dtype``) on the
     current CUDA device, prepared for k-bit training."""
     quantized: dict = {}
@@ -178,7 +179,6 @@ def _load_pretrained(cfg: ModelConfig, hf_config: PretrainedConfig, dtype: torch
         return model
     from peft import prepare_model_for_kbit_training
 
-    checkpointing = checkpointing_kwargs(cfg.gradient_checkpointing)
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=checkpointing is not None,
