@@ -91,8 +91,6 @@ class ModelConfig:
                 "model.model_config.model_type",
                 "required: the transformers model type, e.g. 'llama'",
             )
-        check(self.gradient_checkpointing in (False, True, "full", "selective"), "model.gradient_checkpointing",
-              f"must be false, true, 'full' or 'selective', got {self.gradient_checkpointing!r}")
         check(not (self.compile and self.adapter == "qlora"), "model.compile",
               "not supported with adapter 'qlora' (bitsandbytes' 4-bit layers)")
         check(
