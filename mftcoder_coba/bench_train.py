@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -178,8 +179,8 @@ def run_benchmark(modes: list[str], *, tiny: bool, steps: int, warmup_steps: int
     work = workload(tiny, on_cuda)
     knobs = knobs or Knobs()
     if knobs.master_weights == "bf16":  # bf16 masters need a bf16 model, on the CPU too
-        work = Workload(**{**asdict(work), "dtype": "bf16"})
-    knobs = Knobs(**{**asdict(knobs), "attn": resolve_attn_implementation(knobs.attn, DTYPES[work.dtype])})
+        work = dataclasses.replace(work, dtype="bf16")
+    knobs = dataclasses.replace(knobs, attn=resolve_attn_implementation(knobs.attn, DTYPES[work.dtype]))
     with _work_dir(work_dir) as root:
         data = make_shards(root / "data", work)
         results = [_run_mode(mode, root, data, work, steps, warmup_steps, knobs) for mode in modes]
