@@ -49,6 +49,7 @@ def test_layer_options_keep_loss_and_gradients(checkpointing: bool | str, compil
     reference = build_model(_cfg(), VOCAB, 1)
     model = build_model(_cfg(gradient_checkpointing=checkpointing, compile=compiled), VOCAB, 1)
     assert list(model.state_dict()) == list(reference.state_dict())  # checkpoints stay interchangeable
+    assert model.is_gradient_checkpointing == (checkpointing is not False)
     for seed in (0, 1):  # a second batch runs the cached compiled graph
         want_loss, want = _loss_and_grads(reference, seed)
         got_loss, got = _loss_and_grads(model, seed)
