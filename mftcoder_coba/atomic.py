@@ -21,7 +21,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from mftcoder_coba.errors import UserError
 
@@ -42,6 +42,80 @@ def refuse_existing(dest: str | Path, *, overwrite: bool, hint: str = OVERWRITE_
     """
     if not overwrite and os.path.lexists(dest):
         raise UserError(f"{dest}: already exists; {hint}")
+
+
+OUTPUT_MARKER = ".mftcoder-coba-output"
+"""File inside every directory a command made and may later replace; it holds the kind of output."""
+RUN_MARKERS = ("checkpoints", "metrics.jsonl")
+"""Entries that, beside a ``config.yaml``, make a directory a run directory (also those made before markers)."""
+
+
+def mark_output(directory: str | Path, kind: str) -> None:
+    """Record in ``directory`` (a finished or staged output) that it is a ``kind`` output of this tool."""
+    (Path(directory) / OUTPUT_MARKER).write_text(f"{kind}\n", encoding="utf-8")
+
+
+def output_kind(directory: str | Path) -> str | None:
+    """The kind :func:`mark_output` recorded in ``directory``, or None for anything else."""
+    marker = Path(directory) / OUTPUT_MARKER
+    try:
+        return marker.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A training run directory: marked as one, or a ``config.yaml`` beside checkpoints or metrics."""
+    path = Path(path)
+    if output_kind(path) == "run":
+        return True
+    return (path / "config.yaml").is_file() and any((path / name).exists() for name in RUN_MARKERS)
+
+
+def enclosing_run_dir(path: str | Path) -> Path | None:
+    """The run directory that is ``path`` or holds it (the nearest), or None."""
+    path = Path(os.path.abspath(path))
+    for candidate in (path, *path.parents):
+        if is_run_dir(candidate):
+            return candidate
+    return None
+
+
+def check_replaceable(dest: str | Path, *, overwrite: bool, kind: str, inputs: Iterable[str | Path] = (),
+                      owned: Callable[[Path], bool] | None = None, hint: str = OVERWRITE_HINT) -> None:
+    """Refuse, with one :class:`UserError` line naming ``dest``, any output destination that is not safe.
+
+    Why: ``--overwrite`` used to delete whatever stood at ``dest`` (a folder holding the command's own input
+    files and a user's notes, or a run's ``checkpoints/``). Now a command only ever replaces a folder it can
+    recognise as its own kind of output, and never writes inside or around its inputs or a run directory:
+
+    - ``dest`` must not be one of ``inputs``, lie inside one, or hold one;
+    - ``dest`` must not be a run directory, lie inside one, or (when it exists) hold one, unless ``kind`` is
+      ``run`` itself;
+    - an existing ``dest`` is replaced only with ``overwrite`` and only when it is a directory marked with
+      the same ``kind`` (:func:`mark_output`) or that ``owned(dest)`` recognises (outputs made before
+      markers existed).
+    """
+    dest = Path(os.path.abspath(dest))
+    for item in inputs:
+        source = Path(os.path.abspath(item))
+        if dest == source or source in dest.parents or dest in source.parents:
+            raise UserError(f"{dest}: is, holds or lies inside the input {source}; choose another output directory")
+    if kind != "run":
+        run = enclosing_run_dir(dest)
+        if run is not None:
+            raise UserError(f"{dest}: lies inside the run directory {run}; choose an output directory outside it")
+    if not os.path.lexists(dest):
+        return
+    refuse_existing(dest, overwrite=overwrite, hint=hint)
+    if not dest.is_dir() or dest.is_symlink():
+        raise UserError(f"{dest}: exists and is not a directory this tool wrote; --overwrite replaces only its own "
+                        f"{kind} outputs")
+    if kind != "run" and any(is_run_dir(child) for child in dest.iterdir() if child.is_dir()):
+        raise UserError(f"{dest}: holds a run directory; --overwrite never replaces one")
+    if output_kind(dest) != kind and not (owned is not None and owned(dest)):
+        raise UserError(f"{dest}: exists and is not a {kind} output of this tool (no {OUTPUT_MARKER} marker); "
+                        f"--overwrite replaces only its own {kind} outputs: choose another output directory")
 
 
 def make_temp_dir(dest: str | Path) -> Path:
