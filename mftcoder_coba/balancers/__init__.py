@@ -1,4 +1,4 @@
-"""Task-weighting balancers: CoBa (``spec/coba.md``) and the baselines it is judged against.
+"""Task-weighting balancers: CoBa (``docs/coba.md``) and the baselines it is judged against.
 
 Pick one by name with :func:`build_balancer` (``balancer.name`` / ``balancer.options`` in the run
 config); read its :class:`Needs` to know what to feed it. Importing this package registers every method.
