@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
 from mftcoder_coba.errors import UserError
+
+DESCRIPTION = ("Multitask fine-tuning of code LLMs with the CoBa convergence balancer: prepare data, train, "
+               "evaluate, export. 'mftcoder-coba COMMAND --help' shows a command's options and defaults.")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,21 +38,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mftcoder-coba", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser = argparse.ArgumentParser(prog="mftcoder-coba", description=DESCRIPTION)
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING) (default: INFO)")
+    parser.add_argument("--log-all-ranks", action="store_true",
+                        help="under torchrun / the deepspeed launcher, log on every rank (default: rank 0 only; the "
+                             "others log warnings and errors)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def configure_logging(level: str, *, all_ranks: bool = False) -> None:
+    """Log at ``level`` on rank 0 (``RANK`` from the launcher; 0 in a plain process) and warnings only on the other
+    ranks, so a multi-rank run prints each line once; ``all_ranks`` logs everywhere, each line tagged with its rank."""
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise UserError(f"--log-level {level!r}: not a logging level (DEBUG, INFO, WARNING, ERROR)")
+    rank = int(os.environ.get("RANK", "0") or 0)
+    fmt = LOG_FORMAT if not all_ranks or "RANK" not in os.environ else f"[rank {rank}] {LOG_FORMAT}"
+    logging.basicConfig(level=level.upper() if rank == 0 or all_ranks else logging.WARNING, format=fmt, force=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top, rest = _parser().parse_known_args(argv)
-    logging.basicConfig(level=top.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(top.log_level, all_ranks=top.log_all_ranks)
+    except UserError as exc:
+        print(f"mftcoder-coba: error: {exc}", file=sys.stderr)
+        return 2
     module_name, help_text = COMMANDS[top.command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"mftcoder-coba {top.command}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"mftcoder-coba {top.command}", description=help_text,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

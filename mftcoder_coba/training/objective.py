@@ -1,4 +1,4 @@
-"""The exact global multitask objective of one optimizer step (``docs/coba.md``, "Applying the weights").
+"""The exact global multitask objective of one optimizer step (``docs/coba.md``, "The objective the weights are applied to").
 
 ``L = sum_{k in U} w_k * Lhat_k / sum_{k in U} w_k`` where ``Lhat_k`` is task k's token-mean loss over the
 *whole global batch* (every micro-batch on every rank) and U the tasks present in it. Because the per-task
