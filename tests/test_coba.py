@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mftcoder_coba.balancers import CoBa
+from mftcoder_coba.balancers.coba import ols_fit
 
 
 def _softmax(v: np.ndarray) -> np.ndarray:
@@ -212,3 +213,43 @@ def test_defaults_are_the_spec_defaults() -> None:
     assert (b.options.history_length, b.options.warmup_steps, b.options.tau) == (200, 100, 5.0)
     assert b.needs.validation and not b.needs.train_losses
     assert b.weights().dtype == np.float64 and b.weights().shape == (3,)
+
+
+def test_slope_standard_errors_match_a_textbook_fit() -> None:
+    # SE of the OLS slope = sqrt(SSR / (n - 2) / Sxx), from np.polyfit's residuals per task.
+    rng = np.random.default_rng(4)
+    steps = np.array([2, 4, 6, 8, 10, 12], dtype=np.int64)
+    values = np.stack([1 - 0.01 * steps + 0.003 * rng.standard_normal(6), 1 - 0.02 * steps], axis=1)
+    values[1, 0] = np.nan  # left out of task 0's fit only
+    slopes, errors = ols_fit(steps, values)
+    for k in range(2):
+        keep = ~np.isnan(values[:, k])
+        x, y = steps[keep].astype(float), values[keep, k]
+        coef, residuals, *_ = np.polyfit(x, y, 1, full=True)
+        expected = math.sqrt((residuals[0] if len(residuals) else 0.0) / (len(x) - 2) / ((x - x.mean()) ** 2).sum())
+        assert slopes[k] == pytest.approx(coef[0], rel=1e-12)
+        assert errors[k] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert errors[1] < 1e-12 < errors[0]  # an exact line has no residual
+    few = ols_fit(np.array([1, 2]), np.array([[1.0, np.nan], [0.5, 0.7]]))
+    assert few[0].tolist() == [-0.5, 0.0] and np.isnan(few[1]).all()  # two points: a slope but no error
+
+
+def test_diagnostics_report_the_fit_from_the_first_update_and_survive_a_round_trip() -> None:
+    b = CoBa(num_tasks=2, history_length=4, warmup_steps=2, tau=5.0)
+    assert b.diagnostics() == {}
+    b.observe(0, losses=[2.0, 4.0])
+    assert b.diagnostics() == {}
+    rows = [[1.8, 4.0], [1.7, 3.6], [1.3, 3.4], [1.2, 3.3], [1.0, 3.1]]
+    for step, row in enumerate(rows, start=1):
+        b.observe(step, losses=row)
+        got = b.diagnostics()
+        ratios = np.array(rows[max(0, step - 4):step]) / [2.0, 4.0]
+        expected = ols_fit(np.arange(max(1, step - 3), step + 1), ratios)
+        np.testing.assert_array_equal(got["slope"], expected[0])
+        np.testing.assert_array_equal(got["slope_se"], expected[1])
+        assert np.isnan(got["slope_se"]).all() == (step < 3)
+    np.testing.assert_array_equal(b.diagnostics()["slope"], b.slopes[-1])  # after warm-up: the weights' alpha
+    restored = CoBa(num_tasks=2, history_length=4, warmup_steps=2, tau=5.0)
+    restored.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    for key, value in b.diagnostics().items():
+        np.testing.assert_array_equal(restored.diagnostics()[key], value)

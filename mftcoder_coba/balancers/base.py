@@ -112,6 +112,11 @@ class Balancer(ABC):
     def weights(self) -> np.ndarray:
         """Weights for the next step: float64 array (K,), finite and >= 0."""
 
+    def diagnostics(self) -> dict[str, np.ndarray]:
+        """Named per-task float vectors (K,) describing the latest update, logged beside the weights (NaN =
+        not available); none by default. CoBa reports its slope fit (see ``CoBa.diagnostics``)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """The whole state as plain JSON-serialisable data (NaN stored as None)."""
         return {"name": self.name, "num_tasks": self.num_tasks, **self._state()}

@@ -26,6 +26,9 @@ float per post-warm-up update for ``alpha_max`` (the DF softmax runs over all of
 Hyperparameters: ``history_length`` N (200), ``warmup_steps`` W (100, in updates), ``tau`` (5). The
 trainer-level ``update_interval`` and ``valid_rows_per_task`` live in the run config.
 
+Diagnostics (logged per update, not used by the weights beyond alpha itself): each task's slope over the
+current window and its standard error from the OLS residuals, so noise-driven weights can be seen.
+
 Trainer feeds (``Needs(validation=True)``): ``observe(0, losses=L(0))`` before step 1, then
 ``observe(s, losses=...)`` after every ``update_interval``-th step with the per-task held-out losses; each
 call after the first is one update. Steps must increase.
@@ -62,10 +65,12 @@ class CobaOptions:
         check_number("tau", self.tau, 0)
 
 
-def ols_slopes(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per-column OLS slope of ``values`` (T, K) against ``steps`` (T,), NaN rows left out per column.
+def ols_fit(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column OLS slope of ``values`` (T, K) against ``steps`` (T,), NaN rows left out per column, and
+    the slope's standard error ``sqrt(SSR / (n - 2) / Sxx)`` from the fit's residuals.
 
-    A column with fewer than two finite points, or whose points share one step, has slope 0.
+    A column with fewer than two finite points, or whose points share one step, has slope 0; its standard
+    error is NaN, as is that of a column with fewer than three points (two points leave no residual).
     """
     mask = ~np.isnan(values)
     count = mask.sum(axis=0)
@@ -77,7 +82,12 @@ def ols_slopes(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
     sxx = (dx * dx).sum(axis=0)
     sxy = (dx * dy).sum(axis=0)
     ok = (count >= 2) & (sxx > 0)
-    return np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
+    slopes = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
+    residuals = np.where(mask, dy - slopes * dx, 0.0)
+    fitted = ok & (count >= 3)
+    variance = (residuals * residuals).sum(axis=0) / np.maximum(count - 2, 1)
+    errors = np.where(fitted, np.sqrt(variance / np.where(fitted, sxx, 1.0)), np.nan)
+    return slopes, errors
 
 
 def _guarded_ratio(numerator: np.ndarray, denominator: np.ndarray | float) -> np.ndarray:
@@ -104,6 +114,7 @@ class CoBa(Balancer, name="coba"):
         self.updates = 0  # u: observations after the reference
         self.last_step: int | None = None
         self._weights = np.full(k, 1.0 / k)
+        self._fit: tuple[np.ndarray, np.ndarray] | None = None  # (slopes, standard errors) of the latest update
 
     def _observe(self, step: int, losses: np.ndarray | None, train_losses: np.ndarray | None,
                  grad_norms: np.ndarray | None) -> None:
@@ -119,10 +130,11 @@ class CoBa(Balancer, name="coba"):
         self.updates += 1
         self.steps = np.append(self.steps, step)[-n:]
         self.losses = np.vstack([self.losses, losses[None, :]])[-n:]
+        ratios = self.losses / self.reference  # NaN where a loss or the reference is missing
+        alpha, errors = ols_fit(self.steps, ratios)
+        self._fit = (alpha, errors)
         if self.updates <= self.options.warmup_steps:
             return
-        ratios = self.losses / self.reference  # NaN where a loss or the reference is missing
-        alpha = ols_slopes(self.steps, ratios)
         self.slopes = np.vstack([self.slopes, alpha[None, :]])[-n:]
         self.alpha_max.append(float(alpha.max()))
         self._weights = self._combine(alpha)
@@ -149,6 +161,19 @@ class CoBa(Balancer, name="coba"):
     def weights(self) -> np.ndarray:
         return self._weights.copy()
 
+    def diagnostics(self) -> dict[str, np.ndarray]:
+        """The latest update's fit: ``slope`` (alpha_k over the current window) and ``slope_se``, its standard
+        error from the OLS residuals (NaN below three points).
+
+        Why: a slope whose standard error is as large as itself (or as the gaps between the tasks' slopes)
+        is mostly observation noise, and so are the weights built from it; more held-out rows per update, or
+        ``balancer.held_out: fixed``, shrink it. During warm-up the fit is reported too (the weights do not
+        use it yet). Empty before the first update.
+        """
+        if self._fit is None:
+            return {}
+        return {"slope": self._fit[0].copy(), "slope_se": self._fit[1].copy()}
+
     def _state(self) -> dict[str, Any]:
         return {
             "reference": None if self.reference is None else to_json(self.reference),
@@ -171,3 +196,6 @@ class CoBa(Balancer, name="coba"):
         self.updates = int(state["updates"])
         self.last_step = None if state["last_step"] is None else int(state["last_step"])
         self._weights = from_json(state["weights"])
+        self._fit = None
+        if self.updates and self.reference is not None:  # the fit is a function of the restored window
+            self._fit = ols_fit(self.steps, self.losses / self.reference)
