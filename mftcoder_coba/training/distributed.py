@@ -61,9 +61,27 @@ def init() -> World:
     if world.device.type == "cuda":
         torch.cuda.set_device(world.device)
     if not dist.is_initialized():
+        if world.device.type == "cpu":
+            _skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
     return world
+
+
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory communication op on a gloo run.
+
+    Why: DeepSpeed's comm backend builds ``deepspeed_shm_comm`` (a C++ extension, 30-90 s on a fresh machine, and
+    again whenever another environment shares the extensions cache) when it starts on CPU, but only its
+    inference all-reduce uses it; training's collectives go through the gloo process group. Marking the op
+    incompatible makes DeepSpeed skip the build and use gloo for everything, as it does where the op cannot
+    be built. ``__compatible_ops__`` is DeepSpeed's own table of which ops may be loaded.
+    """
+    import deepspeed.ops
+
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(table, dict):
+        table["deepspeed_shm_comm"] = False
 
 
 def all_reduce_sum(values: np.ndarray, world: World) -> np.ndarray:
