@@ -45,10 +45,18 @@ class BalancerConfig:
     tasks of the shards; it is passed on as a list in task-id order."""
     update_interval: int = 1
     """Optimizer steps between held-out measurements (each one is a balancer update)."""
+    held_out: Literal["rotate", "fixed", "all"] = "rotate"
+    """Which held-out rows each measurement reads (stratified per task, seeded by ``train.seed``). ``rotate``:
+    the next ``valid_rows_per_task`` rows of each task, in rotation; ``fixed``: the same ``valid_rows_per_task``
+    rows of each task at every update (drawn once, kept in the checkpoint), so a change in the measured loss
+    is the model's change and not the difference between samples; ``all``: every held-out row (for small
+    held-out sets). L_k(0) is measured on the rows the updates read (see ``initial_rows_per_task``)."""
     valid_rows_per_task: int = 1
-    """Held-out rows per task in each measurement, drawn in rotation through each task's rows (stratified)."""
+    """Held-out rows per task in each measurement (``rotate`` and ``fixed``; ``all`` reads every row)."""
     initial_rows_per_task: int | None = None
-    """Held-out rows per task for the reference losses L_k(0) before step 1; ``null`` = all of them."""
+    """``rotate`` only: held-out rows per task for the reference losses L_k(0) before step 1, the first ones of
+    each task's rotation order; ``null`` = all of them (the mean the rotation samples). ``fixed`` and ``all``
+    measure L_k(0) on exactly the rows of their updates, so setting it with them is refused."""
 
     def validate(self) -> None:
         check(self.update_interval >= 1, "balancer.update_interval", f"must be >= 1, got {self.update_interval}")
@@ -56,6 +64,9 @@ class BalancerConfig:
               f"must be >= 1, got {self.valid_rows_per_task}")
         check(self.initial_rows_per_task is None or self.initial_rows_per_task >= 1,
               "balancer.initial_rows_per_task", f"must be >= 1 or null, got {self.initial_rows_per_task}")
+        check(self.initial_rows_per_task is None or self.held_out == "rotate", "balancer.initial_rows_per_task",
+              f"applies to balancer.held_out=rotate only; with {self.held_out!r} L_k(0) is measured on the "
+              f"rows of the updates (set it to null)")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """``mftcoder-coba plot RUN_DIR``: pictures of what the balancer did, from the run's metrics files.
 
 Writes PNGs to ``RUN_DIR/plots`` (or ``--out``): held-out loss per task and task weight per task over the
-optimizer steps, and the training loss (total and per task), from ``metrics.jsonl``; and, for a ColD Fusion
+optimizer steps, the training loss (total and per task) and, for CoBa, the standard error of each task's
+slope fit (when it is as large as the gaps between the slopes, the weights follow observation noise: raise
+``balancer.valid_rows_per_task`` or use ``balancer.held_out: fixed``), from ``metrics.jsonl``; and, for a ColD Fusion
 run, the fused model's held-out loss per task over the iterations from ``fusion_metrics.jsonl``. Rendering
 uses matplotlib's Agg canvas (no display needed); each PNG is written to a temporary name and renamed.
 """
@@ -39,6 +41,8 @@ PLOTS = {
     "valid_loss": ("valid_loss.png", "held-out loss per task", "held-out loss"),
     "weights": ("weights.png", "task weight per task", "weight"),
     "train_loss": ("train_loss.png", "training loss per task (weighted objective dashed)", "training loss"),
+    "slope_se": ("slope_se.png", "CoBa: standard error of each task's slope fit (per update)",
+                 "slope standard error (loss ratio per step)"),
 }
 
 

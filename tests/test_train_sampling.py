@@ -1,14 +1,17 @@
 """Which rows a step and a held-out measurement read: the same global batch for any world size, epochs that
-wrap, and per-task held-out rows in rotation."""
+wrap, per-task held-out rows in rotation, and the held-out modes (rotate, fixed, all)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from train_fixtures import prepared  # noqa: F401  (fixture)
 
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutRotation
+from mftcoder_coba.errors import ConfigError
+from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutRotation, HeldOutSample
 
 
 def test_global_batch_is_the_same_for_any_world_size_and_epochs_wrap(prepared: Path) -> None:  # noqa: F811
@@ -46,3 +49,49 @@ def test_held_out_rows_are_stratified_and_rotate(prepared: Path) -> None:  # noq
         read = np.concatenate([rotation.sample(u, 1) for u in range(1, len(rows) + 1)])
         assert set(rows.tolist()) <= set(read.tolist())
     assert len(rotation.initial(None)) == len(valid) and len(rotation.initial(1)) == len(valid.tasks)
+
+
+def test_held_out_modes_read_the_same_rows_for_the_reference_and_the_updates(prepared: Path) -> None:  # noqa: F811
+    valid = PackedDataset(prepared / "valid")
+    rotation = HeldOutRotation(valid, seed=0)
+    fixed = HeldOutSample(valid, 0, "fixed", rows_per_task=2)
+    every = HeldOutSample(valid, 0, "all", rows_per_task=2)
+    rotate = HeldOutSample(valid, 0, "rotate", rows_per_task=2)
+    np.testing.assert_array_equal(fixed.initial(), rotation.initial(2))  # stratified: 2 rows of every task
+    for update in range(1, 6):
+        np.testing.assert_array_equal(fixed.sample(update), fixed.initial())
+        np.testing.assert_array_equal(every.sample(update), np.concatenate(rotation.task_rows))
+        np.testing.assert_array_equal(rotate.sample(update), rotation.sample(update, 2))
+    np.testing.assert_array_equal(every.initial(), every.sample(1))
+    assert sorted(rotate.initial().tolist()) == list(range(len(valid)))  # the population the rotation samples
+    np.testing.assert_array_equal(HeldOutSample(valid, 0, "rotate", 2, initial_rows_per_task=3).initial(),
+                                  rotation.initial(3))
+    assert not np.array_equal(HeldOutSample(valid, 1, "fixed", 2).initial(), fixed.initial())  # seeded
+    with pytest.raises(ValueError, match="rotate mode only"):
+        HeldOutSample(valid, 0, "fixed", 2, initial_rows_per_task=3)
+
+
+def test_fixed_rows_come_back_from_the_checkpoint_and_modes_must_match(prepared: Path) -> None:  # noqa: F811
+    valid = PackedDataset(prepared / "valid")
+    saved = HeldOutSample(valid, 0, "fixed", rows_per_task=2)
+    state = json.loads(json.dumps(saved.state_dict()))
+    resumed = HeldOutSample(valid, 5, "fixed", rows_per_task=1)  # another seed and size: the checkpoint wins
+    resumed.load_state_dict(state)
+    np.testing.assert_array_equal(resumed.sample(7), saved.initial())
+    np.testing.assert_array_equal(resumed.initial(), saved.initial())
+    with pytest.raises(ConfigError, match="'balancer.held_out'.*'fixed'.*'rotate'"):
+        HeldOutSample(valid, 0, "rotate", 2).load_state_dict(state)
+    with pytest.raises(ConfigError, match="held_out=rotate to resume"):
+        HeldOutSample(valid, 0, "fixed", 2).load_state_dict(None)  # a checkpoint from before the modes
+    rotate = HeldOutSample(valid, 0, "rotate", 2)
+    rotate.load_state_dict(None)
+    np.testing.assert_array_equal(rotate.sample(3), HeldOutRotation(valid, 0).sample(3, 2))
+
+
+def test_initial_rows_per_task_is_refused_outside_rotate() -> None:
+    from mftcoder_coba.config import BalancerConfig
+
+    BalancerConfig(held_out="rotate", initial_rows_per_task=3).validate()
+    BalancerConfig(held_out="fixed").validate()
+    with pytest.raises(ConfigError, match="'balancer.initial_rows_per_task'.*rotate only"):
+        BalancerConfig(held_out="fixed", initial_rows_per_task=3).validate()

@@ -7,7 +7,12 @@ One JSON object per optimizer step::
 
 ``valid_loss`` appears only on lines where held-out losses were measured, with ``valid_s``, the seconds those
 held-out forwards took (part of the step time; how CoBa's cost is read); the step-0 line holds L_k(0)
-(and the initial weights; its step-only fields are null). ``mfu`` is null off GPU. Only rank 0 writes.
+(and the initial weights; its step-only fields are null). Update lines (every ``balancer.update_interval``-th
+step) also carry ``weight_change``, the L1 distance between the weights after this update and after the
+previous one (step 0 for the first), and the balancer's diagnostics, each a ``{task: float|null}`` mapping:
+CoBa's ``slope`` (alpha_k of the update's fit) and ``slope_se`` (its standard error from the OLS residuals,
+null below three points) -- a slope_se near the gaps between the tasks' slopes means the weights follow
+observation noise. ``mfu`` is null off GPU. Only rank 0 writes.
 A resumed run first drops the lines after its checkpoint, so the file reads as one uninterrupted run.
 """
 from __future__ import annotations
@@ -78,7 +83,8 @@ class MetricsLog:
     def write(self, step: int, *, weights: np.ndarray, loss: float | None = None, lr: float | None = None,
               grad_norm: float | None = None, tokens_per_s: float | None = None, mfu: float | None = None,
               train_loss: np.ndarray | None = None, valid_loss: np.ndarray | None = None,
-              valid_s: float | None = None) -> dict[str, Any]:
+              valid_s: float | None = None, weight_change: float | None = None,
+              diagnostics: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Append the line of ``step`` (and its scalars); returns the record."""
         record: dict[str, Any] = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
@@ -89,15 +95,19 @@ class MetricsLog:
             record["valid_loss"] = _named(self.tasks, valid_loss)
             if valid_s is not None:
                 record["valid_s"] = valid_s
+        if weight_change is not None:
+            record["weight_change"] = weight_change
+        for name, values in (diagnostics or {}).items():
+            record[name] = _named(self.tasks, values)
         if not self.enabled:
             return record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                if record[key] is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "weight_change"):
+                if record.get(key) is not None:
                     self.writer.add_scalar(key, record[key], step)
-            for group in ("train_loss", "weights", "valid_loss"):
+            for group in ("train_loss", "weights", "valid_loss", *(diagnostics or {})):
                 for task, value in record.get(group, {}).items():
                     if value is not None:
                         self.writer.add_scalar(f"{group}/{task}", value, step)

@@ -7,17 +7,27 @@ therefore the same for any world size, which is what lets a 2-rank run reproduce
 run resume on a different number of ranks). The rows left over at the end of an epoch (fewer than a global
 batch) are skipped; the position (epoch, index) is part of the checkpoint.
 
-Held-out samples: for each task, its held-out rows in a fixed seeded order, read in rotation
-(``valid_rows_per_task`` per update), so every task is measured at every update and over time every row is
-used; the rotation is a function of the update number alone, so it needs no saved state.
+Held-out samples (``balancer.held_out``): for each task, its held-out rows in a fixed seeded order
+(stratified: every task is measured at every update). ``rotate`` reads that order in rotation
+(``valid_rows_per_task`` per update; over time every row is used); ``fixed`` reads the first
+``valid_rows_per_task`` rows of each task at every update; ``all`` reads every held-out row. The reference
+losses L_k(0) come from the same rows as the later observations: the fixed rows, every row, or for
+``rotate`` the rows it cycles through (all, or the first ``initial_rows_per_task`` of each task's order as a
+cheaper estimate of their mean). Why ``fixed``: with the same rows at every update, ``L_k(s) - L_k(s')`` is the
+model's change alone, while a rotating sample adds the difference between samples to every slope CoBa fits.
+The fixed rows are part of the checkpoint, so a resumed run measures the same rows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mftcoder_coba.data import PackedDataset
+from mftcoder_coba.errors import ConfigError
+
+HELD_OUT_MODES = ("rotate", "fixed", "all")
 
 
 @dataclass
@@ -89,3 +99,45 @@ class HeldOutRotation:
                 start = (update - 1) * count
                 picked.append(rows[np.arange(start, start + count) % len(rows)])
         return np.concatenate(picked).astype(np.int64) if picked else np.empty(0, dtype=np.int64)
+
+
+class HeldOutSample:
+    """The held-out rows of L_k(0) and of each update under one ``balancer.held_out`` mode."""
+
+    def __init__(self, dataset: PackedDataset, seed: int, mode: str, rows_per_task: int,
+                 initial_rows_per_task: int | None = None) -> None:
+        if mode not in HELD_OUT_MODES:
+            raise ValueError(f"held-out mode must be one of {HELD_OUT_MODES}, got {mode!r}")
+        if mode != "rotate" and initial_rows_per_task is not None:
+            raise ValueError("initial_rows_per_task applies to the rotate mode only")
+        self.mode = mode
+        self.rows_per_task = rows_per_task
+        self.rotation = HeldOutRotation(dataset, seed)
+        self._initial = self.rotation.initial(initial_rows_per_task if mode == "rotate" else None)
+        self.fixed = self.rotation.initial(rows_per_task) if mode == "fixed" else None
+
+    def initial(self) -> np.ndarray:
+        """Rows of the reference losses L_k(0): the same rows the updates observe (see the module docstring)."""
+        return self.fixed if self.fixed is not None else self._initial
+
+    def sample(self, update: int) -> np.ndarray:
+        """Rows of update number ``update`` (1, 2, ...)."""
+        if self.mode == "rotate":
+            return self.rotation.sample(update, self.rows_per_task)
+        return self.initial()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mode and, for ``fixed``, the rows (plain JSON data for the checkpoint)."""
+        return {"mode": self.mode, "rows": None if self.fixed is None else self.fixed.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Measure what the checkpoint's run measured; ``None`` (a checkpoint from before the modes) is ``rotate``.
+
+        A different mode is refused: L_k(0) and the observations so far came from the checkpoint's rows."""
+        state = state or {"mode": "rotate", "rows": None}
+        if state["mode"] != self.mode:
+            raise ConfigError(f"config field 'balancer.held_out': the checkpoint measured held-out loss with "
+                              f"{state['mode']!r}, the config asks for {self.mode!r} (set "
+                              f"balancer.held_out={state['mode']} to resume)")
+        if state["rows"] is not None:
+            self.fixed = np.asarray(state["rows"], dtype=np.int64)

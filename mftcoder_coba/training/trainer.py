@@ -34,7 +34,7 @@ from mftcoder_coba.training.head_grads import HeadGradNorms
 from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, peak_flops
 from mftcoder_coba.training.objective import (TaskLoss, accumulate_gradients, loss_token_counts,
                                               objective_value, per_task_mean)
-from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutRotation
+from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutSample
 from mftcoder_coba.training.validation import evaluate_per_task
 
 log = logging.getLogger(__name__)
@@ -100,15 +100,21 @@ class _Trainer:
         self.model = self.engine.module.module
         self.step = 0
         position = DataPosition()
+        b = cfg.balancer
+        self.held_out = (HeldOutSample(plan.valid, cfg.train.seed, b.held_out, b.valid_rows_per_task,
+                                       b.initial_rows_per_task) if plan.valid is not None else None)
+        self.update_weights = self.balancer.weights()  # after the latest update: its L1 change is logged
         if plan.resume_from is not None:
             state = checkpoint.load(self.engine, plan.resume_from, world)
             self.step = int(state["step"])
             position = DataPosition(**state["data_position"])
             self.balancer.load_state_dict(state["balancer"])
+            if self.held_out is not None:
+                self.held_out.load_state_dict(state.get("held_out"))
+            self.update_weights = np.array(state.get("update_weights") or self.balancer.weights(), dtype=np.float64)
             log.info("resumed from %s (step %d)", plan.resume_from, self.step)
         self.batches = GlobalBatches(plan.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      world.rank, world.size, cfg.train.seed, position)
-        self.held_out = HeldOutRotation(plan.valid, cfg.train.seed) if plan.valid is not None else None
         self.head_grads = (HeadGradNorms(self.model, self.num_tasks, self.impl)
                            if self.balancer.needs.grad_norms else None)
         self.metrics = MetricsLog(cfg.run_dir, self.tasks, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
@@ -129,9 +135,10 @@ class _Trainer:
         Measured whenever there is a held-out split, so runs of every balancer have comparable curves."""
         valid = None
         if self.held_out is not None:
-            valid = self._held_out_losses(self.held_out.initial(self.cfg.balancer.initial_rows_per_task))
+            valid = self._held_out_losses(self.held_out.initial())
         if self.balancer.needs.validation:
             self.balancer.observe(0, losses=valid)
+        self.update_weights = self.balancer.weights()
         self.metrics.write(0, weights=self.balancer.weights(), valid_loss=valid)
 
     # --- one optimizer step -------------------------------------------------------------------------
@@ -164,7 +171,7 @@ class _Trainer:
         if self.held_out is not None and step % self.cfg.balancer.update_interval == 0:
             update = step // self.cfg.balancer.update_interval
             valid_start = time.perf_counter()
-            valid = self._held_out_losses(self.held_out.sample(update, self.cfg.balancer.valid_rows_per_task))
+            valid = self._held_out_losses(self.held_out.sample(update))
             valid_s = time.perf_counter() - valid_start  # the losses came back to the host: device work is done
             if needs.validation:
                 observed["losses"] = valid
@@ -174,13 +181,19 @@ class _Trainer:
             post_sums, post_counts = evaluate_per_task(self.model, self.plan.train, global_rows,
                                                        self.cfg.train.micro_batch_size, impl=self.impl)
             self.balancer.observe_post_step(step, per_task_mean(post_sums, post_counts))
+        weight_change = diagnostics = None
+        if step % self.cfg.balancer.update_interval == 0:
+            updated = self.balancer.weights()
+            weight_change = float(np.abs(updated - self.update_weights).sum())
+            self.update_weights, diagnostics = updated, self.balancer.diagnostics()
 
         elapsed = time.perf_counter() - start
         tokens_per_s = self.cfg.train.global_batch_size * self.plan.train.seq_len / elapsed
         mfu = (tokens_per_s * self.flops_per_token / (self.peak * self.world.size)) if self.peak else None
         record = self.metrics.write(step, weights=weights, loss=objective_value(weights, sums, counts), lr=lr,
                                     grad_norm=grad_norm, tokens_per_s=tokens_per_s, mfu=mfu,
-                                    train_loss=train_losses, valid_loss=valid, valid_s=valid_s)
+                                    train_loss=train_losses, valid_loss=valid, valid_s=valid_s,
+                                    weight_change=weight_change, diagnostics=diagnostics)
         if self.world.is_main and (step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps):
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f weights %s", step,
                      self.cfg.train.max_steps, record["loss"], lr, grad_norm, tokens_per_s,
@@ -203,6 +216,8 @@ class _Trainer:
             "step": self.step,
             "data_position": {"epoch": self.batches.position.epoch, "index": self.batches.position.index},
             "balancer": self.balancer.state_dict(),
+            "held_out": None if self.held_out is None else self.held_out.state_dict(),
+            "update_weights": self.update_weights.tolist(),
             "world_size": self.world.size,
             "tasks": self.tasks,
         }
