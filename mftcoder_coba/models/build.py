@@ -51,12 +51,13 @@ def check_model(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     return hf_config
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int, task_names: list[str] | None = None) -> nn.Module:
     """The model to train, in training mode, with exactly the parameters to train marked ``requires_grad``.
 
     Full fine-tuning trains every parameter; ``lora``/``qlora``/``cgc_lora`` freeze the base and train the
     adapters only. The model stays on the CPU except for QLoRA, whose 4-bit weights live on the current CUDA
-    device; the trainer (DeepSpeed) places the rest.
+    device; the trainer (DeepSpeed) places the rest. ``task_names`` (task-id order) resolve CGC-LoRA's
+    ``clusters`` mapping.
     """
     hf_config = check_model(cfg, vocab_size)
     dtype = torch_dtype(cfg)
@@ -75,7 +76,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int) -> nn.Module:
     model.config.use_cache = False
     if checkpointing is not None and cfg.adapter != "qlora":  # QLoRA's preparation turns it on itself
         enable_checkpointing(model, checkpointing)
-    model = _add_adapter(model, cfg, num_tasks)
+    model = _add_adapter(model, cfg, num_tasks, task_names)
     if cfg.compile:
         log.info("compiling %d decoder layers with torch.compile (on the first step)",
                  compile_layers(model, checkpointed=checkpointing is not None))
@@ -103,13 +104,13 @@ def _peft_lora_config(options: LoraOptions):
     )
 
 
-def _add_adapter(model: nn.Module, cfg: ModelConfig, num_tasks: int) -> nn.Module:
+def _add_adapter(model: nn.Module, cfg: ModelConfig, num_tasks: int, task_names: list[str] | None) -> nn.Module:
     if cfg.adapter == "none":
         return model
     if cfg.adapter == "cgc_lora":
         from mftcoder_coba.models.cgc_lora import apply_cgc_lora
 
-        return apply_cgc_lora(model, cfg.cgc_lora, num_tasks)
+        return apply_cgc_lora(model, cfg.cgc_lora, num_tasks, task_names)
     from peft import get_peft_model
 
     try:

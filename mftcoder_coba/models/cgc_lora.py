@@ -1,11 +1,18 @@
 """CGC-LoRA: task-common and task-specific LoRA experts mixed by a task-motivated gate.
 
-Song et al. 2024 ("1+N multi-task fine-tuning", arXiv 2402.01684) adapt one frozen base model to N tasks
-at once. Every targeted linear layer gets ``C`` LoRA experts shared by all tasks and ``S`` experts owned by
-each task; a token of task ``t`` uses the common experts plus task ``t``'s own experts, mixed by a gate
-whose input is the task id (a learned task embedding through a linear map and a softmax), not the hidden
-state. Because the gate depends only on the task, the mixture is a constant per task and folds into one
-plain LoRA adapter per task: the "1+N" export (one base model plus N adapters) that peft loads.
+Song et al. 2024 ("1+N multi-task fine-tuning", arXiv 2402.01684) adapt one frozen base model to many tasks
+at once. The tasks are grouped into N task *clusters* (by prior knowledge or task affinity; the paper's N
+counts clusters, not tasks). Every targeted linear layer gets ``C`` LoRA experts shared by all tasks and
+``S`` experts owned by each cluster; a token of a task in cluster ``k`` uses the common experts plus
+cluster ``k``'s own experts, mixed by a gate whose input is the cluster (a learned cluster embedding through
+a linear map and a softmax), not the hidden state. Because the gate depends only on the cluster, the mixture
+is a constant per cluster and folds into one plain LoRA adapter per cluster: the "1+N" export (one base
+model plus N adapters) that peft loads. Without a ``clusters`` mapping every task is its own cluster (N =
+number of tasks), the reading in which the paper's clusters are single tasks.
+
+A task sees only C + S of the C + N*S experts of a layer, so its adapter's rank (the *effective rank*, the
+sum of those experts' ranks) is well below ``rank_budget`` when N is large; it is logged when the model is
+built and written to ``export.json``.
 """
 from __future__ import annotations
 
@@ -17,14 +24,14 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mftcoder_coba.atomic import NEW_DIRECTORY_HINT, atomic_directory, refuse_existing
+from mftcoder_coba.atomic import atomic_directory, check_replaceable, mark_output
 from mftcoder_coba.config_io import build, check, to_dict
 from mftcoder_coba.errors import UserError
 
@@ -32,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 _FIELD = "model.cgc_lora."
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+EXPORT_KIND = "export"
+"""The :func:`~mftcoder_coba.atomic.mark_output` kind of an export directory (``--overwrite`` replaces only those)."""
 
 
 @dataclass
@@ -39,13 +49,17 @@ class CgcLoraConfig:
     """Expert layout, ranks and gate of CGC-LoRA (``model.cgc_lora`` in a run config).
 
     Parameter parity with plain LoRA: a plain LoRA of rank ``R`` on a linear layer ``in -> out`` trains
-    ``R * (in + out)`` parameters. CGC-LoRA with ``N`` tasks has ``E = C + N * S`` experts; with
+    ``R * (in + out)`` parameters. CGC-LoRA with ``N`` task clusters has ``E = C + N * S`` experts; with
     ``expert_rank`` unset the budget ``R = rank_budget`` is split over them as evenly as possible
     (ranks differ by at most one, the common experts take the remainder first), so the experts' A and B
     matrices hold exactly ``R * (in + out)`` parameters, the same as plain LoRA of rank ``R``. The gate
     adds ``N * d + (C + S) * (d + 1)`` parameters per layer (``d = task_embedding_dim``), a few thousand,
     negligible next to the experts. Setting ``expert_rank`` gives every expert that rank instead
     (``E * expert_rank * (in + out)`` parameters).
+
+    Effective rank: a task uses only the C common experts and its cluster's S experts, so its update has
+    rank ``r_t`` = the sum of those C + S ranks, about ``R * (C + S) / E`` (R = 16, C = 2, S = 1 and 8
+    clusters: 5 or 6, not 16). Clustering related tasks (fewer, larger clusters) raises it at the same R.
     """
 
     num_common_experts: int = 2
@@ -65,7 +79,20 @@ class CgcLoraConfig:
     """Names of the nn.Linear modules to adapt; a module matches when its dotted name equals an entry or
     ends with ``.entry`` (the peft rule, so exported adapters target exactly the same layers)."""
     task_embedding_dim: int = 16
-    """d: size of the learned task embedding that feeds each layer's gate."""
+    """d: size of the learned cluster embedding that feeds each layer's gate."""
+    clusters: dict[str, str] | None = None
+    """Task name -> task-cluster name. The paper's N counts task clusters (tasks grouped by prior knowledge
+    or affinity): each cluster owns S experts and one gate input, every task of a cluster uses them, and the
+    "1+N" export writes one adapter per cluster (``adapters/<cluster>/``). Every task of the data must be
+    named, and only those (checked against the shards at the start of a run). Default (null): one cluster
+    per task, named after the task."""
+    scaling: Literal["expert", "total"] = "expert"
+    """How an expert's update ``B_e A_e`` is scaled. ``expert``: by alpha / r_e, its own rank (peft's
+    convention applied to each expert alone). ``total``: by alpha / R with R the total rank of the layer's
+    experts (``rank_budget``, or E * ``expert_rank``), as MOELoRA does (its experts are slices of one rank-R
+    LoRA). ``expert`` is larger by the factor R / r_e, about the number of experts E; with Adam that acts
+    like an E times larger learning rate on the update, so ``total`` usually wants a larger ``alpha`` or
+    learning rate."""
 
     def validate(self) -> None:
         check(self.num_common_experts >= 0, _FIELD + "num_common_experts", "must be >= 0")
@@ -80,17 +107,54 @@ class CgcLoraConfig:
         check(all(isinstance(t, str) and t for t in self.target_modules), _FIELD + "target_modules",
               "entries must be non-empty module names")
         check(self.task_embedding_dim >= 1, _FIELD + "task_embedding_dim", "must be >= 1")
+        if self.clusters is not None:
+            check(len(self.clusters) > 0, _FIELD + "clusters", "must map at least one task (or be null)")
+            bad = sorted({c for c in self.clusters.values() if not (isinstance(c, str) and _SAFE_NAME.match(c))})
+            check(not bad, _FIELD + "clusters", f"cluster names {bad} are not usable as directory names "
+                  "(letters, digits, '_', '-', '.')")
 
-    def expert_ranks(self, num_tasks: int) -> list[int]:
-        """Rank of each expert, common experts first, then task 0's S experts, task 1's, ..."""
-        num_experts = self.num_common_experts + num_tasks * self.num_task_experts
+    def cluster_layout(self, task_names: Sequence[str]) -> tuple[list[int], list[str]]:
+        """(cluster index of each task, in task-id order; cluster names, in order of their first task).
+
+        With ``clusters`` unset every task is its own cluster. A mapping must name exactly the tasks of the
+        data: unknown or missing tasks are one :class:`ConfigError` naming ``model.cgc_lora.clusters``.
+        """
+        if self.clusters is None:
+            return list(range(len(task_names))), list(task_names)
+        unknown = sorted(set(self.clusters) - set(task_names))
+        missing = [t for t in task_names if t not in self.clusters]
+        problems = ([f"task(s) {', '.join(unknown)} not in the data"] if unknown else []) + \
+                   ([f"no cluster for task(s) {', '.join(missing)}"] if missing else [])
+        check(not problems, _FIELD + "clusters", f"{'; '.join(problems)} (the data's tasks: {', '.join(task_names)})")
+        names = list(dict.fromkeys(self.clusters[t] for t in task_names))
+        return [names.index(self.clusters[t]) for t in task_names], names
+
+    def expert_ranks(self, num_clusters: int) -> list[int]:
+        """Rank of each expert, common experts first, then cluster 0's S experts, cluster 1's, ..."""
+        num_experts = self.num_common_experts + num_clusters * self.num_task_experts
         if self.expert_rank is not None:
             return [self.expert_rank] * num_experts
         check(self.rank_budget >= num_experts, _FIELD + "rank_budget",
               f"{self.rank_budget} is below the number of experts {num_experts} "
-              f"(num_common_experts + {num_tasks} tasks * num_task_experts); raise it or set expert_rank")
+              f"(num_common_experts + {num_clusters} task clusters * num_task_experts); raise it, "
+              "group tasks into clusters or set expert_rank")
         base, extra = divmod(self.rank_budget, num_experts)
         return [base + (1 if e < extra else 0) for e in range(num_experts)]
+
+    def effective_ranks(self, num_clusters: int) -> list[int]:
+        """Per cluster, the rank of the update a task of that cluster gets: the C common experts' ranks plus
+        the cluster's S experts' ranks (the rank of its exported adapter)."""
+        ranks = self.expert_ranks(num_clusters)
+        common, per = self.num_common_experts, self.num_task_experts
+        return [sum(ranks[:common]) + sum(ranks[common + k * per: common + (k + 1) * per])
+                for k in range(num_clusters)]
+
+    def expert_scales(self, ranks: Sequence[int]) -> list[float]:
+        """The factor each expert's ``B_e A_e`` is multiplied by (before its gate weight): alpha / r_e
+        (``scaling: expert``) or alpha / sum(ranks) (``scaling: total``)."""
+        if self.scaling == "total":
+            return [self.alpha / sum(ranks)] * len(ranks)
+        return [self.alpha / r for r in ranks]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,16 +162,30 @@ class CgcLoraConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 class _TaskIds:
-    """Per-token task ids shared by every CGC layer of one model (set once per forward, read by each layer).
+    """Per-token task ids shared by every CGC layer of one model (set once per forward, read by each layer),
+    and the model's tasks and clusters.
 
-    ``index`` holds the ids with padding (-1) mapped to row ``num_tasks`` of the layers' weight tables, so a
-    layer turns ids into per-token gate weights with one gather.
+    ``index`` holds each token's row of the layers' weight tables: its task's cluster, and row
+    ``num_clusters`` for padding (-1), so a layer turns ids into per-token gate weights with one gather.
     """
 
-    def __init__(self, cfg: CgcLoraConfig, num_tasks: int) -> None:
+    def __init__(self, cfg: CgcLoraConfig, task_names: Sequence[str], task_cluster: Sequence[int],
+                 cluster_names: Sequence[str]) -> None:
         self.cfg = cfg
-        self.num_tasks = num_tasks
+        self.task_names = list(task_names)
+        self.num_tasks = len(self.task_names)
+        self.task_cluster = list(task_cluster)
+        self.cluster_names = list(cluster_names)
+        self.num_clusters = len(self.cluster_names)
+        # task id -> weight-table row; id -1 reads the last entry, the padding row
+        self._rows = {torch.device("cpu"): torch.tensor(self.task_cluster + [self.num_clusters], dtype=torch.long)}
         self.index: torch.Tensor | None = None
+
+    def rows(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Weight-table rows of ``task_ids`` (long, values in [-1, num_tasks - 1]), on their device."""
+        if task_ids.device not in self._rows:
+            self._rows[task_ids.device] = self._rows[torch.device("cpu")].to(task_ids.device)
+        return self._rows[task_ids.device][task_ids]
 
 
 class CgcExperts(nn.Module):
@@ -116,36 +194,39 @@ class CgcExperts(nn.Module):
     All experts' A matrices are stacked into one ``(R_total, in)`` matrix and their B matrices into one
     ``(out, R_total)`` matrix, so the update for a batch is two matmuls whatever the number of experts:
     ``delta = ((dropout(x) @ A^T) * s) @ B^T`` where ``s[token, j]`` is the gate weight of column j's expert
-    for the token's task times that expert's scaling ``alpha / rank``. A token's columns of other tasks'
-    experts get weight 0, so those experts neither contribute to it nor receive its gradient.
+    for the token's cluster times that expert's scaling (:meth:`CgcLoraConfig.expert_scales`). A token's
+    columns of other clusters' experts get weight 0, so those experts neither contribute to it nor receive
+    its gradient.
 
     Padding rule: a token with task id -1 carries no task, so it gets only the task-common experts, each
     with weight 1 / C (and the base layer alone when C = 0). Padding never reaches the loss; the rule just
     keeps its output defined and task-agnostic.
     """
 
-    def __init__(self, in_features: int, out_features: int, cfg: CgcLoraConfig, num_tasks: int,
+    def __init__(self, in_features: int, out_features: int, cfg: CgcLoraConfig, num_clusters: int,
                  ranks: Sequence[int], device: torch.device, dtype: torch.dtype, task_ids: _TaskIds) -> None:
         super().__init__()
         common, per_task = cfg.num_common_experts, cfg.num_task_experts
         total = sum(ranks)
-        self.num_tasks = num_tasks
+        self.num_clusters = num_clusters
         self.num_experts = len(ranks)
         self.lora_A = nn.Parameter(torch.empty(total, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, total, device=device, dtype=dtype))
         # Same init as peft's LoRA: the stacked A has the fan-in of each expert's A, B starts at zero.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.task_embedding = nn.Embedding(num_tasks, cfg.task_embedding_dim, device=device, dtype=dtype)
+        # one row per cluster (the name is kept from when clusters were single tasks: same state-dict keys)
+        self.task_embedding = nn.Embedding(num_clusters, cfg.task_embedding_dim, device=device, dtype=dtype)
         self.gate = nn.Linear(cfg.task_embedding_dim, common + per_task, device=device, dtype=dtype)
-        # A zero gate map starts every task at a uniform mixture of its experts.
+        # A zero gate map starts every cluster at a uniform mixture of its experts.
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
         column_expert = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(list(ranks)))
-        column_scale = torch.tensor([cfg.alpha / ranks[e] for e in column_expert.tolist()], dtype=torch.float64)
-        allowed = torch.tensor([list(range(common)) + [common + t * per_task + j for j in range(per_task)]
-                                for t in range(num_tasks)], dtype=torch.long)
+        expert_scale = cfg.expert_scales(ranks)
+        column_scale = torch.tensor([expert_scale[e] for e in column_expert.tolist()], dtype=torch.float64)
+        allowed = torch.tensor([list(range(common)) + [common + k * per_task + j for j in range(per_task)]
+                                for k in range(num_clusters)], dtype=torch.long)
         padding = torch.zeros(len(ranks), dtype=torch.float64)
         if common:
             padding[:common] = 1.0 / common
@@ -157,16 +238,16 @@ class CgcExperts(nn.Module):
         self._task_ids = task_ids
 
     def expert_weights(self) -> torch.Tensor:
-        """(num_tasks + 1, num_experts) gate weights: row t for task t, the last row for padding (-1)."""
+        """(num_clusters + 1, num_experts) gate weights: row k for cluster k, the last row for padding (-1)."""
         logits = self.gate(self.task_embedding.weight)                     # (N, C + S)
         probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         probs = probs.to(logits.dtype)
-        tasks = torch.zeros(self.num_tasks, self.num_experts, device=probs.device, dtype=probs.dtype)
-        tasks = tasks.scatter(1, self.allowed, probs)
-        return torch.cat([tasks, self.padding_weights.to(probs.dtype)[None]], dim=0)
+        clusters = torch.zeros(self.num_clusters, self.num_experts, device=probs.device, dtype=probs.dtype)
+        clusters = clusters.scatter(1, self.allowed, probs)
+        return torch.cat([clusters, self.padding_weights.to(probs.dtype)[None]], dim=0)
 
     def column_scales(self) -> torch.Tensor:
-        """(num_tasks + 1, R_total): per task, each rank column's gate weight times alpha / rank."""
+        """(num_clusters + 1, R_total): per cluster, each rank column's gate weight times its expert's scale."""
         return self.expert_weights()[:, self.column_expert] * self.column_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,20 +297,30 @@ def cgc_layers(model: nn.Module) -> dict[str, CgcLoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, CgcLoraLinear)}
 
 
-def apply_cgc_lora(model: nn.Module, cfg: CgcLoraConfig, num_tasks: int) -> nn.Module:
+def apply_cgc_lora(model: nn.Module, cfg: CgcLoraConfig, num_tasks: int,
+                   task_names: Sequence[str] | None = None) -> nn.Module:
     """Freeze every base parameter and replace each targeted ``nn.Linear`` with a CGC-LoRA layer (in place).
 
-    Expert parameters are created on the base weight's device, in float32 when the base is in a 16-bit
-    dtype (stable adapter optimisation, as peft does) and in the base dtype otherwise; their values come
-    from torch's global RNG, so seed it for reproducible runs. Returns ``model``.
+    ``task_names`` (task-id order) resolve ``cfg.clusters``; without them the tasks are called ``task0``,
+    ``task1``, ... (enough when every task is its own cluster). Expert parameters are created on the base
+    weight's device, in float32 when the base is in a 16-bit dtype (stable adapter optimisation, as peft
+    does) and in the base dtype otherwise; their values come from torch's global RNG, so seed it for
+    reproducible runs. Returns ``model``.
     """
     if num_tasks < 1:
         raise ValueError(f"apply_cgc_lora needs num_tasks >= 1, got {num_tasks}")
     if cgc_layers(model):
         raise ValueError("CGC-LoRA is already applied to this model")
+    if task_names is None:
+        if cfg.clusters is not None:
+            raise ValueError("apply_cgc_lora needs the task names to resolve model.cgc_lora.clusters")
+        task_names = [f"task{t}" for t in range(num_tasks)]
+    if len(task_names) != num_tasks:
+        raise ValueError(f"apply_cgc_lora: {len(task_names)} task names for {num_tasks} tasks")
     cfg.validate()
-    ranks = cfg.expert_ranks(num_tasks)
-    task_ids = _TaskIds(cfg, num_tasks)
+    task_cluster, cluster_names = cfg.cluster_layout(task_names)
+    ranks = cfg.expert_ranks(len(cluster_names))
+    task_ids = _TaskIds(cfg, task_names, task_cluster, cluster_names)
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [(name, m) for name, m in model.named_modules()
@@ -240,14 +331,30 @@ def apply_cgc_lora(model: nn.Module, cfg: CgcLoraConfig, num_tasks: int) -> nn.M
                         f"layer of the model (its linear layers are named {linears})")
     for name, base in targets:
         dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        experts = CgcExperts(base.in_features, base.out_features, cfg, num_tasks, ranks,
+        experts = CgcExperts(base.in_features, base.out_features, cfg, len(cluster_names), ranks,
                              base.weight.device, dtype, task_ids)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, CgcLoraLinear(base, experts))
-    logger.info("CGC-LoRA: %d layers, %d tasks, expert ranks %s, %d trainable parameters", len(targets),
-                num_tasks, ranks, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    logger.info("CGC-LoRA: %d layers, %d tasks in %d clusters, expert ranks %s, %d trainable parameters",
+                len(targets), num_tasks, len(cluster_names), ranks,
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
+    logger.info("CGC-LoRA: %s", rank_summary(cfg, len(cluster_names)))
     return model
+
+
+def rank_summary(cfg: CgcLoraConfig, num_clusters: int) -> str:
+    """One line on what a task's adapter is: how many experts it uses and their total (effective) rank."""
+    ranks = cfg.expert_ranks(num_clusters)
+    effective = sorted(set(cfg.effective_ranks(num_clusters)))
+    rank = str(effective[0]) if len(effective) == 1 else f"{effective[0]}-{effective[-1]}"
+    scale = cfg.expert_scales(ranks)
+    scales = sorted({round(s, 6) for s in scale})
+    scale_text = f"alpha/r_e = {scales[0]:g}" + (f"-{scales[-1]:g}" if len(scales) > 1 else "") \
+        if cfg.scaling == "expert" else f"alpha/R = {scales[0]:g}"
+    return (f"each task uses {cfg.num_common_experts}+{cfg.num_task_experts} experts of total rank {rank} "
+            f"(budget {sum(ranks)} over {len(ranks)} experts: {cfg.num_common_experts} common + {num_clusters} "
+            f"clusters x {cfg.num_task_experts}); scaling {cfg.scaling}: {scale_text}")
 
 
 def _task_ids_slot(model: nn.Module) -> _TaskIds:
@@ -258,7 +365,7 @@ def _task_ids_slot(model: nn.Module) -> _TaskIds:
 
 
 def _to_index(slot: _TaskIds, task_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Task ids as row indices of the layers' weight tables (-1 -> the padding row ``num_tasks``).
+    """Task ids as row indices of the layers' weight tables (each task's cluster; -1 -> the padding row).
 
     The range is checked on CPU tensors; on an accelerator that check would stall the host once per
     micro-batch, so there an out-of-range id surfaces as the gather's own index error instead (the data
@@ -275,7 +382,7 @@ def _to_index(slot: _TaskIds, task_ids: torch.Tensor | None) -> torch.Tensor | N
         if low < -1 or high >= slot.num_tasks:
             raise ValueError(f"task ids must be in [-1, {slot.num_tasks - 1}] (the model was built for "
                              f"{slot.num_tasks} tasks), got values in [{low}, {high}]")
-    return torch.where(task_ids < 0, torch.full_like(task_ids, slot.num_tasks), task_ids)
+    return slot.rows(task_ids)
 
 
 def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None) -> None:
@@ -335,15 +442,16 @@ def save_base_model(model: nn.Module, out_dir: str | Path) -> None:
 
 def _layout(model: nn.Module) -> dict:
     slot = _task_ids_slot(model)
-    return {"config": to_dict(slot.cfg), "num_tasks": slot.num_tasks,
-            "expert_ranks": slot.cfg.expert_ranks(slot.num_tasks), "layers": sorted(cgc_layers(model))}
+    return {"config": to_dict(slot.cfg), "num_tasks": slot.num_tasks, "task_names": slot.task_names,
+            "task_clusters": slot.task_cluster, "clusters": slot.cluster_names,
+            "expert_ranks": slot.cfg.expert_ranks(slot.num_clusters), "layers": sorted(cgc_layers(model))}
 
 
 def save_cgc(model: nn.Module, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the CGC parameters to ``out_dir/cgc_lora.safetensors`` and the layout to ``cgc_lora.json``.
 
-    The JSON (config, number of tasks, expert ranks, adapted layers) lets :func:`load_cgc` refuse weights
-    made for a different layout with a clear message instead of a shape error deep in torch.
+    The JSON (config, tasks and their clusters, expert ranks, adapted layers) lets :func:`load_cgc` refuse
+    weights made for a different layout with a clear message instead of a shape error deep in torch.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,13 +460,15 @@ def save_cgc(model: nn.Module, out_dir: str | Path, state_dict: dict[str, torch.
     (out_dir / CGC_CONFIG).write_text(json.dumps(_layout(model), indent=2) + "\n", encoding="utf-8")
 
 
-def load_cgc_config(in_dir: str | Path) -> tuple[CgcLoraConfig, int]:
-    """The config and number of tasks a :func:`save_cgc` directory was written with."""
+def load_cgc_config(in_dir: str | Path) -> tuple[CgcLoraConfig, list[str]]:
+    """The config and task names (task-id order) a :func:`save_cgc` directory was written with; directories
+    written before task names were recorded give ``task0``, ``task1``, ... (one cluster per task)."""
     path = Path(in_dir) / CGC_CONFIG
     if not path.is_file():
         raise UserError(f"{path}: not found (not a CGC-LoRA checkpoint directory)")
     layout = json.loads(path.read_text(encoding="utf-8"))
-    return build(CgcLoraConfig, layout["config"]), int(layout["num_tasks"])
+    names = layout.get("task_names") or [f"task{t}" for t in range(int(layout["num_tasks"]))]
+    return build(CgcLoraConfig, layout["config"]), [str(n) for n in names]
 
 
 def load_cgc(model: nn.Module, in_dir: str | Path) -> nn.Module:
@@ -370,7 +480,8 @@ def load_cgc(model: nn.Module, in_dir: str | Path) -> nn.Module:
             raise UserError(f"{path}: not found (not a CGC-LoRA checkpoint directory)")
     saved = json.loads(config_path.read_text(encoding="utf-8"))
     mine = _layout(model)
-    for key in ("num_tasks", "expert_ranks", "layers"):
+    saved.setdefault("task_clusters", list(range(int(saved.get("num_tasks", 0)))))  # before clusters: one per task
+    for key in ("num_tasks", "task_clusters", "expert_ranks", "layers"):
         if saved.get(key) != mine[key]:
             raise UserError(f"{config_path}: '{key}' is {saved.get(key)!r} but the model was built with "
                             f"{mine[key]!r}")
@@ -393,34 +504,32 @@ def load_cgc(model: nn.Module, in_dir: str | Path) -> nn.Module:
 # "1+N" export
 # ---------------------------------------------------------------------------------------------------------
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
 @torch.no_grad()
-def task_lora_factors(layer: CgcLoraLinear, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task ``task``'s gated update of one layer as plain LoRA factors ``(A_t, B_t)`` with ``B_t @ A_t``
-    equal to the layer's update for that task.
+def cluster_lora_factors(layer: CgcLoraLinear, cluster: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster ``cluster``'s gated update of one layer as plain LoRA factors ``(A_k, B_k)`` with ``B_k @ A_k``
+    equal to the layer's update for every task of that cluster.
 
-    The gate weights are constants per task, so ``sum_e g_e (alpha/r_e) B_e A_e`` is one LoRA whose rank is
-    the sum of the ranks of the experts the task uses: A_t stacks their A's, B_t their scaled B's.
+    The gate weights are constants per cluster, so ``sum_e g_e s_e B_e A_e`` (``s_e`` the expert's scale) is
+    one LoRA whose rank is the sum of the ranks of the experts the cluster uses: A_k stacks their A's, B_k
+    their scaled B's.
     """
     experts = layer.cgc
-    scales = experts.column_scales()[task]
-    columns = torch.isin(experts.column_expert, experts.allowed[task]).nonzero().squeeze(1)
+    scales = experts.column_scales()[cluster]
+    columns = torch.isin(experts.column_expert, experts.allowed[cluster]).nonzero().squeeze(1)
     return experts.lora_A[columns].clone(), experts.lora_B[:, columns] * scales[columns]
 
 
-def _write_adapter(layers: dict[str, CgcLoraLinear], task: int, out_dir: Path) -> int:
+def _write_adapter(layers: dict[str, CgcLoraLinear], cluster: int, out_dir: Path) -> int:
     from peft import LoraConfig
 
     tensors: dict[str, torch.Tensor] = {}
     rank = 0
     for name, layer in layers.items():
-        a, b = task_lora_factors(layer, task)
+        a, b = cluster_lora_factors(layer, cluster)
         rank = a.shape[0]
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
-    # lora_alpha = r makes peft's scaling 1: the gate weights and alpha/r_e already sit inside B_t.
+    # lora_alpha = r makes peft's scaling 1: the gate weights and expert scales already sit inside B_k.
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=sorted(layers))
     out_dir.mkdir(parents=True)
@@ -429,10 +538,10 @@ def _write_adapter(layers: dict[str, CgcLoraLinear], task: int, out_dir: Path) -
     return rank
 
 
-def _write_merged(model: nn.Module, layers: dict[str, CgcLoraLinear], task: int, out_dir: Path) -> None:
+def _write_merged(model: nn.Module, layers: dict[str, CgcLoraLinear], cluster: int, out_dir: Path) -> None:
     state = base_state_dict(model)
     for name, layer in layers.items():
-        a, b = task_lora_factors(layer, task)
+        a, b = cluster_lora_factors(layer, cluster)
         weight = layer.weight
         delta = (b.to(torch.float64) @ a.to(torch.float64)).to(device=weight.device, dtype=weight.dtype)
         state[f"{name}.weight"] = weight.detach() + delta
@@ -445,62 +554,88 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
             shutil.copy2(item, out_dir / item.name)
 
 
+def _is_export(path: Path) -> bool:
+    """An export made before output markers existed: its ``export.json`` beside ``base/``."""
+    return (path / "export.json").is_file() and (path / "base").is_dir()
+
+
 def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequence[str] | None = None,
                          tokenizer_dir: str | Path | None = None, merged: bool = False, *,
-                         overwrite: bool = False) -> Path:
-    """Write the "1+N" form of a CGC-LoRA model: the base once plus one plain peft LoRA adapter per task.
+                         overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """Write the "1+N" form of a CGC-LoRA model: the base once plus one plain peft LoRA adapter per task
+    cluster (per task when every task is its own cluster, the default).
 
-    Layout of ``out_dir`` (written in a temporary sibling directory, renamed when complete; an existing
-    ``out_dir`` is refused unless ``overwrite``, and then replaced only once the new one is whole)::
+    Layout of ``out_dir`` (written in a temporary sibling directory, renamed when complete)::
 
         base/                  transformers model dir of the frozen base (+ tokenizer files when given)
-        adapters/<task>/       peft LoRA adapter: PeftModel.from_pretrained(base_model, "adapters/<task>")
-        merged/<task>/         with merged=True: base + that task's update, a plain transformers model dir
-        export.json            task names, ranks, paths and each task's mean gate weight on the common experts
+        adapters/<cluster>/    peft LoRA adapter: PeftModel.from_pretrained(base_model, "adapters/<cluster>")
+        merged/<cluster>/      with merged=True: base + that cluster's update, a plain transformers model dir
+        export.json            the rank budget and scaling; per cluster its tasks, effective rank (the
+                               adapter's rank), path and mean gate weight on the common experts; per task
+                               its cluster and that cluster's adapter
 
-    Each adapter reproduces the gated model for its task exactly (up to floating point): see
-    :func:`task_lora_factors`.
+    ``task_names`` (task-id order) rename the model's tasks (and, with one cluster per task, the clusters).
+    ``out_dir`` must not be, hold or lie inside one of ``inputs`` (e.g. the run directory exported from)
+    or any run directory; an existing one is replaced only with ``overwrite``, only when it is an earlier
+    export, and only once the new one is whole (:func:`mftcoder_coba.atomic.check_replaceable`).
+
+    Each adapter reproduces the gated model for the tasks of its cluster exactly (up to floating point):
+    see :func:`cluster_lora_factors`.
     """
     out_dir = Path(out_dir)
     slot = _task_ids_slot(model)
     layers = cgc_layers(model)
-    names = [f"task{t}" for t in range(slot.num_tasks)] if task_names is None else list(task_names)
+    names = slot.task_names if task_names is None else list(task_names)
     if len(names) != slot.num_tasks:
         raise UserError(f"export: {len(names)} task names given for a model with {slot.num_tasks} tasks")
-    for name in names:
-        if not _SAFE_NAME.match(name):
-            raise UserError(f"export: task name {name!r} is not usable as a directory name")
     if len(set(names)) != len(names):
         raise UserError(f"export: task names must be unique, got {names}")
-    refuse_existing(out_dir, overwrite=overwrite, hint=NEW_DIRECTORY_HINT)
+    if slot.cfg.clusters is not None and names != slot.task_names:
+        raise UserError(f"export: task names {names} differ from the model's {slot.task_names}, which "
+                        "model.cgc_lora.clusters groups")
+    clusters = slot.cluster_names if slot.cfg.clusters is not None else names
+    for name in clusters:
+        if not _SAFE_NAME.match(name):
+            raise UserError(f"export: cluster name {name!r} is not usable as a directory name")
+    check_replaceable(out_dir, overwrite=overwrite, kind=EXPORT_KIND, inputs=inputs, owned=_is_export)
     tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tokenizer is not None and not tokenizer.is_dir():
         raise UserError(f"{tokenizer}: tokenizer directory not found")
+    cfg = slot.cfg
+    ranks = cfg.expert_ranks(slot.num_clusters)
+    summary = {"base": "base", "rank_budget": sum(ranks), "num_experts": len(ranks),
+               "experts_per_task": cfg.num_common_experts + cfg.num_task_experts, "scaling": cfg.scaling,
+               "clusters": [], "tasks": []}
     training_cache = model.config.use_cache
     model.config.use_cache = True        # the exported models are for inference: KV cache on
     try:
-        with atomic_directory(out_dir, overwrite=overwrite, hint=NEW_DIRECTORY_HINT) as tmp:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            mark_output(tmp, EXPORT_KIND)
             save_base_model(model, tmp / "base")
             if tokenizer is not None:
                 _copy_tokenizer(tokenizer, tmp / "base")
-            summary = []
-            for task, name in enumerate(names):
-                rank = _write_adapter(layers, task, tmp / "adapters" / name)
-                entry = {"task_id": task, "name": name, "rank": rank, "adapter": f"adapters/{name}"}
-                common = slot.cfg.num_common_experts
+            entries = []
+            for k, cluster in enumerate(clusters):
+                rank = _write_adapter(layers, k, tmp / "adapters" / cluster)
+                entry = {"cluster": cluster, "tasks": [n for n, c in zip(names, slot.task_cluster) if c == k],
+                         "rank": rank, "adapter": f"adapters/{cluster}"}
                 with torch.no_grad():
                     entry["common_gate_weight_mean"] = float(sum(
-                        layer.cgc.expert_weights()[task, :common].sum().item() for layer in layers.values()
-                    ) / len(layers))
+                        layer.cgc.expert_weights()[k, :cfg.num_common_experts].sum().item()
+                        for layer in layers.values()) / len(layers))
                 if merged:
-                    _write_merged(model, layers, task, tmp / "merged" / name)
+                    _write_merged(model, layers, k, tmp / "merged" / cluster)
                     if tokenizer is not None:
-                        _copy_tokenizer(tokenizer, tmp / "merged" / name)
-                    entry["merged"] = f"merged/{name}"
-                summary.append(entry)
-            (tmp / "export.json").write_text(json.dumps({"base": "base", "tasks": summary}, indent=2) + "\n",
-                                             encoding="utf-8")
+                        _copy_tokenizer(tokenizer, tmp / "merged" / cluster)
+                    entry["merged"] = f"merged/{cluster}"
+                entries.append(entry)
+            summary["clusters"] = entries
+            summary["tasks"] = [{"task_id": t, "name": name, "cluster": clusters[k], "rank": entries[k]["rank"],
+                                 "adapter": entries[k]["adapter"],
+                                 **({"merged": entries[k]["merged"]} if merged else {})}
+                                for t, (name, k) in enumerate(zip(names, slot.task_cluster))]
+            (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     finally:
         model.config.use_cache = training_cache
-    logger.info("exported base + %d task adapters to %s", len(names), out_dir)
+    logger.info("exported base + %d cluster adapters (%d tasks) to %s", len(clusters), len(names), out_dir)
     return out_dir

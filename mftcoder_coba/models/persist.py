@@ -116,8 +116,8 @@ def load_trained(run_dir: str | Path, checkpoint_dir: str | Path | None = None) 
             raise UserError(f"{base_dir}: the base model of this {cfg.adapter} run is missing")
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), **options)
         if cfg.adapter == "cgc_lora":
-            cgc_config, num_tasks = cgc_lora.load_cgc_config(model_dir)
-            cgc_lora.apply_cgc_lora(model, cgc_config, num_tasks)
+            cgc_config, task_names = cgc_lora.load_cgc_config(model_dir)
+            cgc_lora.apply_cgc_lora(model, cgc_config, len(task_names), task_names)
             cgc_lora.load_cgc(model, model_dir)
         else:
             from peft import PeftModel

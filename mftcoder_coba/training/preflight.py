@@ -86,6 +86,9 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
     check(valid is not None or not balancer.needs.validation, "data.valid",
           f"balancer '{cfg.balancer.name}' measures held-out loss: set data.valid to the prepared valid/ split")
     check_model(cfg.model, train.vocab_size)
+    if cfg.model.adapter == "cgc_lora":  # the clusters name the shards' tasks; the rank budget covers their experts
+        cgc = cfg.model.cgc_lora
+        cgc.expert_ranks(len(cgc.cluster_layout(train.tasks)[1]))
     stage = ds_config.zero_stage(cfg)
     check(not (balancer.needs.grad_norms and stage == 3), "balancer.name",
           f"'{cfg.balancer.name}' needs per-task gradients of the LM head, which ZeRO-3 partitions; use zero_stage <= 2")
