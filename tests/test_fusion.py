@@ -128,7 +128,7 @@ def test_fuse_command_and_its_errors(tmp_path, capsys) -> None:
     shutil.copytree(b, run / "checkpoints" / "step-00000004" / "model")
     (run / "checkpoints" / "step-00000009.tmp").mkdir()
     code, err = _fuse(capsys, str(a), str(run), "--out", str(tmp_path / "fused"), "--weights", "1", "1")
-    assert code == 0 and err == ""
+    assert code == 0 and "error" not in err                               # stderr holds the log only
     assert torch.equal(tensors(tmp_path / "fused")["lm_head.weight"],
                        ((tensors(a)["lm_head.weight"].double() + tensors(b)["lm_head.weight"].double()) / 2).float())
 
@@ -166,3 +166,28 @@ def test_average_refuses_lora_adapters_of_other_modules(tmp_path) -> None:
     model.save_pretrained(str(tmp_path / "other"))
     with pytest.raises(UserError, match="adapts other modules"):
         average_models([one, tmp_path / "other"], tmp_path / "out")
+
+
+def test_fused_output_is_marked_and_never_inside_an_input_or_a_run(tmp_path, capsys) -> None:
+    a = saved(llama(0), tmp_path / "a")
+    b = saved(llama(1), tmp_path / "b")
+    out = average_models([a, b], tmp_path / "fused")
+    assert (out / ".mftcoder-coba-output").read_text().strip() == "fused-model"
+    again = average_models([out, a], tmp_path / "fused2")       # a fused input's marker is not copied over
+    assert (again / ".mftcoder-coba-output").read_text().strip() == "fused-model"
+    assert json.loads((again / "fusion.json").read_text())["inputs"] == [str(out), str(a)]
+    run = tmp_path / "run"
+    shutil.copytree(b, run / "checkpoints" / "step-00000004" / "model")
+    (run / "config.yaml").write_text("{}")
+    cases = [
+        (a / "fused", "lies inside the input"),
+        (a, "is, holds or lies inside the input"),
+        (tmp_path, "holds or lies inside the input"),
+        (run / "fused", "lies inside the run directory"),
+    ]
+    for dest, message in cases:
+        with pytest.raises(UserError, match=message):
+            average_models([a, run / "checkpoints" / "step-00000004" / "model"], dest)
+    code, err = _fuse(capsys, str(a), str(run), "--out", str(run / "fused"))
+    assert code == 2 and "run directory" in err and len(err.splitlines()) == 1
+    assert not (a / "fused").exists() and not (run / "fused").exists()

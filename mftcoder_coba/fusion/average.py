@@ -27,7 +27,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mftcoder_coba.atomic import NEW_DIRECTORY_HINT, atomic_directory
+from mftcoder_coba.atomic import (
+    NEW_DIRECTORY_HINT,
+    OUTPUT_MARKER,
+    atomic_directory,
+    check_replaceable,
+    mark_output,
+)
 from mftcoder_coba.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 FUSION_RECORD = "fusion.json"
+FUSED_KIND = "fused-model"
+"""The :func:`~mftcoder_coba.atomic.mark_output` kind of a fusion's output directory."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +114,14 @@ def average_models(model_dirs: Sequence[str | Path], out_dir: str | Path, weight
     the same adapted modules. ``weights`` default to equal and are rescaled to sum to 1. ``base_dir`` is
     used for LoRA inputs only: the averaged update is merged into that base, giving a full model directory;
     without it the output is one exact LoRA adapter of rank ``sum r_i``. Other files of the first input (or
-    of the base), such as the config and tokenizer, are copied. ``out_dir`` must not exist yet.
+    of the base), such as the config and tokenizer, are copied. ``out_dir`` must not exist yet, and must not
+    be, hold or lie inside an input (or the base) or lie inside a run directory: a fused model written
+    there would be mistaken for, or mixed into, what it was made from.
     """
     if not model_dirs:
         raise UserError("fuse: no models given")
+    sources = [*model_dirs, *([base_dir] if base_dir is not None else [])]
+    check_replaceable(out_dir, overwrite=False, kind=FUSED_KIND, inputs=sources, hint=NEW_DIRECTORY_HINT)
     inputs = [inspect_model_dir(p) for p in model_dirs]
     kinds = {m.kind for m in inputs}
     if len(kinds) > 1:
@@ -121,6 +133,7 @@ def average_models(model_dirs: Sequence[str | Path], out_dir: str | Path, weight
     if base is not None and base.kind != "full":
         raise UserError(f"{base.path}: the base must be a full transformers model directory")
     with atomic_directory(out_dir, hint=NEW_DIRECTORY_HINT) as tmp:
+        mark_output(tmp, FUSED_KIND)
         if inputs[0].kind == "full":
             _check_same_architecture(inputs)
             _average_full(inputs, fractions, tmp)
@@ -371,7 +384,8 @@ def _stack_lora(inputs: Sequence[ModelDir], fractions: Sequence[float], out: Pat
 
 
 def _copy_other_files(source: Path, out: Path, skip: set[str]) -> None:
-    """Config, generation config, tokenizer and other small files beside the weights."""
+    """Config, generation config, tokenizer and other small files beside the weights (not the source's own
+    fusion record or output marker: the output gets its own)."""
     for item in source.iterdir():
-        if item.is_file() and item.name not in skip and item.name != FUSION_RECORD:
+        if item.is_file() and item.name not in skip and item.name not in (FUSION_RECORD, OUTPUT_MARKER):
             shutil.copy2(item, out / item.name)
