@@ -77,26 +77,32 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 
 def read_jsonl(path: Path, required: dict[str, str]) -> list[dict[str, Any]]:
-    """Parse a metrics JSONL file; every line must be an object with the ``required`` fields and kinds."""
+    """Parse a metrics JSONL file; every line must be an object with the ``required`` fields and kinds.
+
+    A last line that is not valid JSON is dropped with a warning: it is what a run killed (or still running)
+    while appending leaves, and the lines before it are whole. Anywhere else it is an error naming path:line.
+    """
     records = []
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            for field, kind in required.items():
-                value = record.get(field)
-                ok = isinstance(value, dict) if kind == "mapping" else _is_number(value)
-                if not ok:
-                    problem = "missing" if field not in record else f"must be a {kind}, got {value!r}"
-                    raise UserError(f"{path}:{number}: field '{field}' {problem}")
-            record["_line"] = number
-            records.append(record)
+        lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == lines[-1][0]:
+                log.warning("%s:%d: ignoring a torn last line (not valid JSON: %s)", path, number, exc.msg)
+                break
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        for field, kind in required.items():
+            value = record.get(field)
+            ok = isinstance(value, dict) if kind == "mapping" else _is_number(value)
+            if not ok:
+                problem = "missing" if field not in record else f"must be a {kind}, got {value!r}"
+                raise UserError(f"{path}:{number}: field '{field}' {problem}")
+        record["_line"] = number
+        records.append(record)
     if not records:
         raise UserError(f"{path}: no metrics in the file (empty)")
     return records

@@ -61,7 +61,9 @@ def test_cli_writes_the_pngs(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 
 @pytest.mark.parametrize("content,message", [
     ("", r"metrics.jsonl: no metrics in the file \(empty\)"),
-    ('{"step": 1, "weights": {"a": 1.0}}\n{"step": 2, "weights"\n', r"metrics.jsonl:2: not valid JSON"),
+    ('{"step": 1, "weights": {"a": 1.0}}\n{"step": 2, "weights"\n{"step": 3, "weights": {"a": 1.0}}\n',
+     r"metrics.jsonl:2: not valid JSON"),
+    ('{"step": 1, "weights"', r"metrics.jsonl: no metrics in the file \(empty\)"),
     ('{"step": 1, "weights": {"a": 1.0}}\n[1, 2]\n', r"metrics.jsonl:2: expected a JSON object"),
     ('{"weights": {"a": 1.0}}\n', r"metrics.jsonl:1: field 'step' missing"),
     ('{"step": "one", "weights": {"a": 1.0}}\n', r"metrics.jsonl:1: field 'step' must be a number"),
@@ -75,6 +77,17 @@ def test_bad_metrics_name_path_and_line(tmp_path: Path, content: str, message: s
     with pytest.raises(UserError, match=message):
         plot_run(tmp_path)
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_torn_last_line_is_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run killed (or still running) while appending leaves a torn last line; the whole lines still plot."""
+    _metrics(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 7, "loss": 4.2, "weights": {"code_completion": 0.')
+    records = read_jsonl(tmp_path / "metrics.jsonl", {"step": "number"})
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+    assert "metrics.jsonl:8: ignoring a torn last line" in caplog.text
+    assert [p.name for p in plot_run(tmp_path)] == ["valid_loss.png", "weights.png", "train_loss.png"]
 
 
 def test_missing_metrics_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

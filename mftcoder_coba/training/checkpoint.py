@@ -1,11 +1,14 @@
-"""Atomic, resumable checkpoints: model, DeepSpeed engine state, data position, balancer and RNG states.
+"""Atomic, verifiable, resumable checkpoints: model, DeepSpeed engine state, data position, balancer and RNG states.
 
 Layout of one checkpoint (``run_dir/checkpoints/step-00000010``)::
 
     model/               save_trainable(): an HF dir (full), a peft adapter dir (lora) or E's cgc format
-    engine/state/        DeepSpeed's engine.save_checkpoint(): optimizer, scheduler, trainable weights
+                         (safetensors + JSON)
+    engine/state/*.pt    DeepSpeed's engine.save_checkpoint(): optimizer, scheduler, trainable weights (pickles)
+    engine/zero_to_*.py  scripts DeepSpeed copies beside its state (never run by this package)
     rng/rank-00000.json  python, numpy and torch (CPU and CUDA) RNG states of each rank
     trainer_state.json   step, data position, balancer.state_dict(), world size
+    files.json           every other file's relative path, size and sha256, written last (file_manifest)
 
 Everything is written into ``checkpoints/.tmp-step-...`` first (a name every rank agrees on, hence not
 :func:`mftcoder_coba.atomic.atomic_directory`'s per-process one) and published by rank 0 when every rank
@@ -13,26 +16,47 @@ has finished (:func:`mftcoder_coba.atomic.publish`), so only complete checkpoint
 checkpoints beyond ``keep_last`` vanish in one rename (:func:`mftcoder_coba.atomic.discard`). A run killed
 while saving or pruning leaves hidden folders that the next start removes. Multi-node runs need ``run_dir``
 on a filesystem all nodes share (each rank writes its own optimizer shard).
+
+A ``step-`` name is not proof of intact bytes (a full disk, a cut copy, a later truncation), so resuming
+checks the checkpoint against ``files.json`` first (:func:`checkpoint_problem`): ``--resume auto`` takes the
+newest checkpoint that verifies and logs the ones it skips. The engine state files are pickles; they are
+loaded with ``torch.load(weights_only=True)`` semantics and only the DeepSpeed classes a real checkpoint
+holds allowed (:func:`weights_only_loads`), so a crafted file cannot run code on resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from mftcoder_coba.atomic import discard, publish, remove_stale
+from mftcoder_coba.errors import UserError
+from mftcoder_coba.file_manifest import has_manifest, manifest_problem, write_manifest
 from mftcoder_coba.models import save_trainable
 from mftcoder_coba.training import distributed
 from mftcoder_coba.training.distributed import World
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^step-(\d{8})$")
 TAG = "state"
+ENGINE_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
+"""The only non-tensor classes DeepSpeed 0.19 pickles into the engine state of this trainer's checkpoints
+(ZeRO 0-3, fp32 and bf16, checked on real checkpoints): its ZeRO optimizer state's loss scaler, stage enum
+and fragment addresses. Allowing them lets ``weights_only`` loading read real checkpoints and nothing else."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -102,6 +126,7 @@ def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], w
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     distributed.barrier(world)
     if world.is_main:
+        write_manifest(tmp)  # the last file: a folder whose files.json verifies was written whole
         publish(tmp, final, overwrite=True)  # a re-saved step (resumed from an older one) keeps its old copy until then
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             discard(old)
@@ -109,12 +134,106 @@ def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], w
     return final
 
 
+def checkpoint_problem(path: Path, *, checksums: bool = True) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (one phrase), or None when it verifies.
+
+    With ``files.json``: every file it lists is there with its size (and sha256 with ``checksums``).
+    Checkpoints written before ``files.json`` existed count as complete when their trainer_state.json loads.
+    """
+    if has_manifest(path):
+        return manifest_problem(path, checksums=checksums)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"trainer_state.json does not load ({str(exc).splitlines()[0]})"
+    return None if isinstance(state, dict) else "trainer_state.json is not a JSON object"
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to continue from: ``auto`` = the newest that verifies (None when the run has none),
+    or a path, which must verify; a fresh run (``None``) is refused when ``run_dir`` holds checkpoints."""
+    folder = checkpoints_dir(run_dir)
+    named = sorted(p for p in folder.iterdir() if _NAME.match(p.name)) if folder.is_dir() else []
+    if resume is None:
+        if named:
+            raise UserError(f"{run_dir} already holds checkpoints ({named[-1].name}); pass --resume auto to "
+                            "continue it or choose another run_dir")
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint directory")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise UserError(f"--resume {resume}: damaged or incomplete checkpoint: {problem}")
+        return path
+    skipped = []
+    for path in reversed(named):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("--resume auto: skipping %s: %s", path, problem)
+        skipped.append(f"{path.name} ({problem})")
+    if skipped:
+        raise UserError(f"{folder}: no checkpoint verifies, refusing to start over from step 0: {'; '.join(skipped)}")
+    return None
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine: Any) -> Iterator[None]:
+    """Make ``engine.load_checkpoint`` unpickle like ``torch.load(weights_only=True)`` with only
+    :data:`ENGINE_GLOBALS` allowed; a file that needs anything else is one :class:`UserError` naming it.
+
+    Why: DeepSpeed 0.19 reads its engine state with ``torch.load(..., weights_only=False)`` (its
+    ``TorchCheckpointEngine.load``), i.e. plain pickle, so a crafted ``.pt`` in a checkpoint ran any code on
+    resume. torch's documented ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` switch overrides that explicit argument in
+    every ``torch.load`` made meanwhile (a process-wide setting, restored on exit; nothing else loads while
+    the engine does); the engine's loader is wrapped so that a refusal or an unreadable file names the file.
+    """
+    loader = engine.checkpoint_engine
+    plain_load = loader.load
+
+    def load(path: str, map_location: Any = None) -> Any:
+        try:
+            return plain_load(path, map_location=map_location)
+        except pickle.UnpicklingError as exc:
+            lines = str(exc).splitlines()
+            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+            raise UserError(f"{path}: refused to unpickle ({reason.strip()}); load engine state only from a "
+                            "trusted source") from None
+        except (OSError, EOFError, RuntimeError) as exc:
+            raise UserError(f"{path}: cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                            "); the checkpoint is damaged") from None
+
+    saved = {name: os.environ.get(name) for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    os.environ.pop(_FORCE_NO_WEIGHTS_ONLY, None)
+    loader.load = load
+    try:
+        with torch.serialization.safe_globals(list(ENGINE_GLOBALS)):
+            yield
+    finally:
+        del loader.load
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def load(engine: Any, checkpoint: Path, world: World) -> dict[str, Any]:
     """Restore the engine (weights, optimizer, scheduler) and this rank's RNGs; return trainer_state."""
-    path, _ = engine.load_checkpoint(str(checkpoint / "engine"), tag=TAG, load_module_strict=False,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loads(engine):
+        path, _ = engine.load_checkpoint(str(checkpoint / "engine"), tag=TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the engine state in {checkpoint / 'engine'}")
+        raise UserError(f"{checkpoint / 'engine'}: DeepSpeed found no engine state to load; the checkpoint is damaged")
     rng_file = checkpoint / "rng" / f"rank-{world.rank:05d}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         _set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))

@@ -18,12 +18,18 @@ A resumed run first drops the lines after its checkpoint, so the file reads as o
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mftcoder_coba.atomic import atomic_write_text
+from mftcoder_coba.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak (no sparsity) by device-name fragment, FLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -57,6 +63,28 @@ def _named(tasks: list[str], values: np.ndarray) -> dict[str, float | None]:
     return {t: (None if not math.isfinite(float(v)) else float(v)) for t, v in zip(tasks, values)}
 
 
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``path`` up to ``step`` (kept as written), for a run resumed from the checkpoint of ``step``.
+
+    A run killed while appending leaves a torn last line: it is dropped, with a warning (it belongs to a
+    step after the checkpoint anyway). Any other line that does not parse is an error naming path:line.
+    """
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if line.strip()]
+    kept = []
+    for number, line in lines:
+        try:
+            before = json.loads(line)["step"] <= step
+        except (ValueError, TypeError, KeyError) as exc:
+            if number == lines[-1][0]:
+                log.warning("%s:%d: dropping a torn last line (a run killed while writing it)", path, number)
+                break
+            raise UserError(f"{path}:{number}: not a metrics line ({type(exc).__name__}: {exc})") from None
+        if before:
+            kept.append(line)
+    return kept
+
+
 class MetricsLog:
     """Writes metrics.jsonl and TensorBoard scalars on rank 0 (a no-op object elsewhere)."""
 
@@ -68,11 +96,8 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         if not enabled:
             return
-        kept = []
-        if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = _lines_up_to(self.path, resume_step) if resume_step is not None and self.path.is_file() else []
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

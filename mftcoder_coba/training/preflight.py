@@ -56,22 +56,6 @@ def balancer_options(options: dict[str, Any], tasks: list[str]) -> dict[str, Any
     return resolved
 
 
-def resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
-    """The checkpoint to continue from: ``auto`` = newest complete one (None if there is none), or a path."""
-    found = checkpoint.complete_checkpoints(cfg.run_dir)
-    if resume is None:
-        if found:
-            raise UserError(f"{cfg.run_dir} already holds checkpoints ({found[-1].name}); pass --resume auto to "
-                            "continue it or choose another run_dir")
-        return None
-    if resume == "auto":
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume {resume}: not a complete checkpoint (no trainer_state.json)")
-    return path
-
-
 def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
     """All checks; returns the :class:`Plan` the trainer starts from."""
     train = _open_split(cfg.data.train, "data.train")
@@ -106,7 +90,7 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
           f"{t.global_batch_size} rows do not split over {world_size} ranks x micro_batch_size {t.micro_batch_size}")
     check(len(train) >= t.global_batch_size, "train.global_batch_size",
           f"{t.global_batch_size} is more than the {len(train)} training rows")
-    resume_from = resolve_resume(cfg, resume)
+    resume_from = checkpoint.resolve_resume(cfg.run_dir, resume)
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
         check(saved.get("tasks") == train.tasks, "data.train",
