@@ -4,8 +4,11 @@ Full fine-tuning and LoRA/QLoRA runs give one model directory (LoRA merged into 
 run's tokenizer, which ``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``
 load without this package. CGC-LoRA runs give the "1+N" layout (the base plus one peft LoRA adapter per task,
 see :func:`mftcoder_coba.models.cgc_lora.export_task_adapters`). The output is written under a temporary
-name beside DIR and renamed when complete; an existing DIR is replaced only with ``--overwrite``, and only
-after the new export is whole.
+name beside DIR and renamed when complete; an existing DIR is replaced only with ``--overwrite``, only when
+it is an export (marked as one, or an export made before markers), never the run or anything inside it,
+and only after the new export is whole. The checkpoint is checked against its ``files.json`` first.
+``--trust-remote-code`` is the only way to run a model's own code: the run's config.yaml is a file being
+read, so its ``trust_remote_code`` is ignored here.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from mftcoder_coba.atomic import atomic_directory, refuse_existing
+from mftcoder_coba.atomic import atomic_directory, check_replaceable, mark_output
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.cgc_lora import cgc_layers, export_task_adapters
@@ -33,35 +36,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--merged-tasks", action="store_true",
                         help="CGC-LoRA runs: also write one merged model per task under OUT/merged/<task>")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the model's own code (auto_map); only for models you trust. "
+                             "The run's config.yaml cannot turn this on")
 
 
 def main(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.out, args.checkpoint, overwrite=args.overwrite,
-                     merged_tasks=args.merged_tasks)
+                     merged_tasks=args.merged_tasks, trust_remote_code=args.trust_remote_code)
     print(out)
     return 0
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, *,
-               overwrite: bool = False, merged_tasks: bool = False) -> Path:
-    """Export a run's checkpoint (the newest by default) to ``out``; returns ``out``."""
+               overwrite: bool = False, merged_tasks: bool = False, trust_remote_code: bool = False) -> Path:
+    """Export a run's checkpoint (the newest complete one by default) to ``out``; returns ``out``."""
     run_dir, out = Path(run_dir), Path(out)
     tokenizer_dir = run_dir / "tokenizer"
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir / 'config.yaml'}: not found (is {run_dir} a run directory?)")
     if not tokenizer_dir.is_dir():
         raise UserError(f"{tokenizer_dir}: not found; the run's tokenizer is needed to export a usable model")
-    refuse_existing(out, overwrite=overwrite)
-    if out.exists() and (out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents):
-        raise UserError(f"{out}: is the run directory or holds it; choose another output directory")
+    check_replaceable(out, overwrite=overwrite, kind="export", inputs=[run_dir], owned=_unmarked_export)
     model_dir = model_dir_of(run_dir, checkpoint)
-    model = load_trained(run_dir, checkpoint)
+    model = load_trained(run_dir, model_dir, trust_remote_code=trust_remote_code)
     if cgc_layers(causal_lm(model)):
         export_task_adapters(model, out, _task_names(model_dir), tokenizer_dir, merged=merged_tasks,
                              overwrite=overwrite)
     else:
         with atomic_directory(out, overwrite=overwrite) as staging:
             _write_plain(model, tokenizer_dir, staging)
+            mark_output(staging, "export")
     log.info("exported %s to %s", model_dir, out)
     return out
 
@@ -84,11 +89,23 @@ def _write_plain(model: nn.Module, tokenizer_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def _unmarked_export(path: Path) -> bool:
+    """An export made before output markers existed: a transformers model directory with the tokenizer beside
+    it (``config.json`` and ``tokenizer_config.json``; a checkpoint's ``model/`` or a ``base_model/`` has no
+    tokenizer) or the "1+N" layout (``export.json`` beside ``base/config.json``). Run directories and what
+    lies in them are refused before this is asked (:func:`check_replaceable`)."""
+    plain = (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
+    return plain or ((path / "export.json").is_file() and (path / "base" / "config.json").is_file())
+
+
 def _task_names(model_dir: Path) -> list[str] | None:
     """Task names in task-id order, from the checkpoint's trainer_state.json (None: E's default names)."""
     state = model_dir.parent / "trainer_state.json"
     if state.is_file():
-        tasks = json.loads(state.read_text(encoding="utf-8")).get("tasks")
+        try:
+            tasks = json.loads(state.read_text(encoding="utf-8")).get("tasks")
+        except (ValueError, AttributeError) as exc:
+            raise UserError(f"{state}: does not load ({exc}); the checkpoint is damaged") from None
         if isinstance(tasks, list):
             return [str(t) for t in tasks]
     return None

@@ -12,11 +12,13 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from mftcoder_coba import config_io
 from mftcoder_coba.errors import ConfigError, UserError
+from mftcoder_coba.file_manifest import has_manifest, manifest_problem
 from mftcoder_coba.models import cgc_lora
 from mftcoder_coba.models.attention import FLASH, flash_attn_available, resolve_attn_implementation
 from mftcoder_coba.models.build import torch_dtype
@@ -71,13 +73,17 @@ def run_model_config(run_dir: str | Path) -> ModelConfig:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete checkpoint ``run_dir/checkpoints/step-N`` (incomplete ones carry other names)."""
+    """The newest complete checkpoint ``run_dir/checkpoints/step-N``: incomplete ones carry other names, and
+    ones whose ``model/`` files differ from their ``files.json`` sizes are skipped with a warning."""
     folder = Path(run_dir) / "checkpoints"
     entries = folder.iterdir() if folder.is_dir() else []
     found = sorted((int(m.group(1)), p) for p in entries if (m := CHECKPOINT_NAME.match(p.name)))
-    if not found:
-        raise UserError(f"{folder}: no complete checkpoint (step-N) found")
-    return found[-1][1]
+    for _, path in reversed(found):
+        problem = manifest_problem(path, checksums=False, under="model/") if has_manifest(path) else None
+        if problem is None:
+            return path
+        log.warning("skipping the damaged checkpoint %s: %s", path, problem)
+    raise UserError(f"{folder}: no complete checkpoint (step-N) found")
 
 
 def model_dir_of(run_dir: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
@@ -92,22 +98,54 @@ def model_dir_of(run_dir: str | Path, checkpoint_dir: str | Path | None = None) 
     raise UserError(f"{checkpoint}: not a checkpoint (no saved model in it or in its model/ folder)")
 
 
-def load_trained(run_dir: str | Path, checkpoint_dir: str | Path | None = None) -> nn.Module:
+def check_model_files(model_dir: Path) -> None:
+    """Refuse (one :class:`UserError` line) a checkpoint whose ``model/`` files differ from its ``files.json``
+    (presence, size, sha256). Checkpoints written before ``files.json`` are not checked here; a damaged one
+    fails to load instead (also one line, from :func:`load_trained`)."""
+    checkpoint = model_dir.parent
+    if model_dir.name == "model" and has_manifest(checkpoint):
+        problem = manifest_problem(checkpoint, under="model/")
+        if problem is not None:
+            raise UserError(f"{checkpoint}: damaged or incomplete checkpoint: {problem}")
+
+
+def load_trained(run_dir: str | Path, checkpoint_dir: str | Path | None = None, *,
+                 trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a run's model from ``run_dir/config.yaml`` and load a checkpoint's trained weights into it.
 
     Returns the model in eval mode, on the CPU, in the run's dtype: a transformers model (full fine-tuning),
     a ``peft.PeftModel`` (LoRA; for QLoRA the base is loaded unquantised, so the result merges exactly), or
     the base with CGC-LoRA layers. flash-attention runs load with ``sdpa`` where flash-attn is missing.
+
+    ``trust_remote_code`` comes from the caller's command line only, never from the run's config.yaml: a run
+    directory is a file being read, and letting it switch on remote code would let it run code here. The
+    checkpoint is checked against its ``files.json`` first; one that does not load is one :class:`UserError`.
     """
     run_dir = Path(run_dir)
     cfg = run_model_config(run_dir)
     model_dir = model_dir_of(run_dir, checkpoint_dir)
+    check_model_files(model_dir)
     options = {
         "dtype": torch_dtype(cfg),
         "attn_implementation": _loadable_attention(cfg),
         "local_files_only": True,
-        "trust_remote_code": cfg.trust_remote_code,
+        "trust_remote_code": trust_remote_code,
     }
+    try:
+        model = _load(run_dir, cfg, model_dir, options)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"{model_dir}: cannot load the trained model ({_first_line(exc)}); the checkpoint is "
+                        "damaged or incomplete") from None
+    log.info("loaded %s (%s) from %s", type(causal_lm(model)).__name__, cfg.adapter, model_dir)
+    return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load(run_dir: Path, cfg: ModelConfig, model_dir: Path, options: dict) -> nn.Module:
     if cfg.adapter == "none":
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **options)
     else:
@@ -123,8 +161,7 @@ def load_trained(run_dir: str | Path, checkpoint_dir: str | Path | None = None) 
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
-    log.info("loaded %s (%s) from %s", type(causal_lm(model)).__name__, cfg.adapter, model_dir)
-    return model.eval()
+    return model
 
 
 def _loadable_attention(cfg: ModelConfig) -> str:
