@@ -8,17 +8,27 @@ before the stream starts and packed per task, so every validation row holds one 
 
 Everything is written into a hidden temporary directory beside OUT and renamed into place only after the
 last manifest is written: a killed or failed run never leaves an OUT that looks complete, and an existing
-OUT (with ``overwrite``) is only replaced once the new one is whole.
+OUT (with ``overwrite``) is only replaced once the new one is whole, and only when it is a prep output
+(:func:`mftcoder_coba.atomic.check_replaceable`): never a folder holding the inputs or anything else.
+A run that ends with a task the trainer could not use (no training rows) is refused; a task without
+held-out rows is warned about, in the log and in the printed tables.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import gc
 import heapq
+import json
 import logging
 import multiprocessing
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -27,10 +37,10 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from mftcoder_coba.atomic import make_temp_dir, publish
+from mftcoder_coba.atomic import check_replaceable, make_temp_dir, mark_output, publish, remove_stale
 from mftcoder_coba.data_prep import manifest as manifest_io
-from mftcoder_coba.data_prep.formats import BadRecord, Source, count_records, decode, iter_raw, normalise, \
-    resolve_sources
+from mftcoder_coba.data_prep.formats import BadRecord, Raw, Source, count_records, decode, iter_raw, normalise, \
+    place, resolve_sources
 from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
 from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes
@@ -45,6 +55,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
                    "chat_template.json", "config.json")
 SHARD_BYTES = 256 << 20
+OUTPUT_KIND = "prepared-data"
+"""The kind of output (:func:`mftcoder_coba.atomic.mark_output`) a prep OUT is marked with."""
+NO_HELD_OUT = ("0 held-out rows: a validation-driven balancer such as CoBa cannot measure this task; raise "
+               "--valid-samples-per-task / --valid-fraction")
+"""What a task without held-out rows means for training, as the log and the tables say it."""
 # Options that change how or where prep runs but never what it writes; left out of the manifest so the same
 # inputs give byte-identical output directories.
 RUNTIME_OPTIONS = ("out", "workers", "overwrite", "progress")
@@ -79,7 +94,7 @@ class PrepOptions:
     workers: int = 1
     """Processes that render and tokenise; 1 works in this process, one thread per core."""
     overwrite: bool = False
-    """Replace an existing OUT (only after the new one is complete)."""
+    """Replace an existing OUT (only after the new one is complete), when it is a prep output."""
     rows_per_shard: int | None = None
     """Rows per shard file; default: as many as fit in 256 MiB."""
     batch_records: int = 512
@@ -157,12 +172,57 @@ def _init_state(work: _Work, quiet: bool, tokenizer: Any = None) -> None:
     _STATE.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
 
 
+def _init_worker(work: _Work, parent: int) -> None:
+    """Initializer of a ``--workers`` process: bound to the life of prep, then set up for batches."""
+    _die_with_parent(parent)
+    _init_state(work, quiet=True)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker process as soon as ``parent`` (the prep process) is gone, however it ended.
+
+    Why: a worker waits on a task queue that every worker also holds open, so it never sees the queue
+    close; a prep killed with SIGKILL (the OOM killer, a scheduler, ``kill -9``) used to leave its workers
+    alive for good, each holding a tokenizer. On Linux the kernel kills the worker when its parent dies
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere a daemon thread watches the parent id. A parent that
+    died before either was in place is caught by the check after it.
+    """
+    if not _parent_death_signal():
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    """Exit the process once ``parent`` is no longer its parent (it died and the process was adopted)."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
 # ("ok"|"truncated", ids, mask, loss tokens) | ("dropped", reason, None, 0) | ("bad", reason, message, 0)
 Outcome = tuple[str, Any, Any, int]
 
 
-def _process(batch: list[tuple[str, bytes | dict[str, Any]]]) -> list[Outcome]:
-    """Render, tokenise and length-check one batch of ``(where, raw record)``; never raises for bad data.
+Work = tuple[str, int, int, Raw]
+"""One record to process: ``(source label, line, column, raw record)``."""
+
+
+def _process(batch: list[Work]) -> list[Outcome]:
+    """Render, tokenise and length-check one batch of records; never raises for bad data.
 
     Lengths, truncation and loss-token counts are computed for the whole batch at once on the flat
     encoding; each kept sample is a slice of it.
@@ -173,9 +233,10 @@ def _process(batch: list[tuple[str, bytes | dict[str, Any]]]) -> list[Outcome]:
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
     slots: list[int] = []
-    for i, (where, raw) in enumerate(batch):
+    for i, (label, line, column, raw) in enumerate(batch):
         try:
-            text, sample_spans = renderer.render(normalise(decode(raw, where), where))
+            text, sample_spans = renderer.render(normalise(decode(raw, label, line, column),
+                                                           place(label, line, column)))
         except BadRecord as exc:
             outcomes[i] = ("bad", exc.reason, str(exc), 0)
             continue
@@ -238,12 +299,13 @@ def _held_out(name: str, records: int, opts: PrepOptions) -> np.ndarray:
     return mask
 
 
-def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, str, bytes | dict[str, Any]]]:
-    """``(task id, record index, where, raw)``: tasks merged in proportion to their sizes, deterministically."""
-    def records(task: _Task) -> Iterator[tuple[str, bytes | dict[str, Any]]]:
+def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, Work]]:
+    """``(task id, record index, work)``: tasks merged in proportion to their sizes, deterministically."""
+    def records(task: _Task) -> Iterator[Work]:
         for source in task.sources:
-            for lineno, raw in iter_raw(source):
-                yield f"{source.label}:{lineno}", raw
+            label = source.label
+            for line, column, raw in iter_raw(source):
+                yield label, line, column, raw
 
     streams = [records(t) for t in tasks]
     sizes = [t.records for t in tasks]
@@ -256,7 +318,7 @@ def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, str, bytes | dic
         if item is None:
             raise UserError(f"task '{tasks[tid].name}': its files changed while being read (fewer records)")
         index = taken[tid]
-        yield tid, index, item[0], item[1]
+        yield tid, index, item
         taken[tid] = index = index + 1
         if index < sizes[tid]:
             heapq.heapreplace(heap, ((index + 0.5) / sizes[tid], tid))
@@ -266,14 +328,14 @@ def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, str, bytes | dic
                 raise UserError(f"task '{tasks[tid].name}': its files changed while being read (more records)")
 
 
-def _batches(stream: Iterator[tuple[int, int, str, Any]], tasks: list[_Task], size: int
-             ) -> Iterator[tuple[list[tuple[int, bool]], list[tuple[str, Any]]]]:
+def _batches(stream: Iterator[tuple[int, int, Work]], tasks: list[_Task], size: int
+             ) -> Iterator[tuple[list[tuple[int, bool]], list[Work]]]:
     held_out = [set(np.flatnonzero(t.valid).tolist()) for t in tasks]
     meta: list[tuple[int, bool]] = []
-    work: list[tuple[str, Any]] = []
-    for tid, index, where, raw in stream:
+    work: list[Work] = []
+    for tid, index, item in stream:
         meta.append((tid, index in held_out[tid]))
-        work.append((where, raw))
+        work.append(item)
         if len(work) == size:
             yield meta, work
             meta, work = [], []
@@ -302,7 +364,7 @@ def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, wo
     else:
         threads = workers
         executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_state, initargs=(work, True))
+                                       initializer=_init_worker, initargs=(work, os.getpid()))
     with serial, executor:
         pending: collections.deque = collections.deque()
         try:
@@ -343,11 +405,16 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     opts.validate()
     task_list = opts.task_list()
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise UserError(f"{out}: already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
     tokenizer_dir = Path(opts.tokenizer)
+
+    def check_out() -> None:
+        check_replaceable(out, overwrite=opts.overwrite, kind=OUTPUT_KIND, owned=_made_by_prep,
+                          inputs=[path for _, path in task_list] + [tokenizer_dir])
+
+    check_out()
+    # Leftovers of any killed writer in OUT's folder (not only of an earlier run to this OUT): a dead prep's
+    # hidden temporary directory can be as large as its output.
+    remove_stale(Path(os.path.abspath(out)).parent)
     tokenizer = load_tokenizer(tokenizer_dir)
     renderer = Renderer(tokenizer, opts.template)
     vocab_size = len(tokenizer)
@@ -364,6 +431,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
             if n == 0:
                 if not opts.skip_bad:
                     raise UserError(f"{source.label}: empty file (task '{name}' has no records there)")
+                log.warning("task '%s': skipped the empty file %s (counted as empty_file)", name, source.label)
                 empty["empty_file"] += 1
                 continue
             sources.append(source)
@@ -418,8 +486,11 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
         emit("train", train_packer.finish())
         for packer in valid_packers:
             emit("valid", packer.finish())
-        if stats["train"].rows == 0:
-            raise UserError("no training rows were produced: every record was skipped, dropped or held out")
+        for tid, task in enumerate(tasks):
+            if not stats["train"].tasks[tid].samples:
+                raise UserError(f"task '{task.name}': 0 training rows: {_fate(task, stats, tid)}; nothing written")
+            if not stats["valid"].tasks[tid].samples:
+                log.warning("task '%s': %s (%s)", task.name, NO_HELD_OUT, _fate(task, stats, tid))
 
         tok_out = temp / "tokenizer"
         tok_out.mkdir()
@@ -441,6 +512,8 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 **stats[split].summary(names), "shards": shards, "arguments": opts.arguments(),
             }
             manifest_io.write(temp / split, manifests[split])
+        mark_output(temp, OUTPUT_KIND)
+        check_out()  # again: OUT may have appeared, or changed, while prep ran
         publish(temp, out, overwrite=opts.overwrite)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -449,3 +522,25 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     log.info("wrote %s: %d train rows (utilisation %.2f%%), %d valid rows", out, train["num_rows"],
              100 * train["utilisation"], manifests["valid"]["num_rows"])
     return train
+
+
+def _made_by_prep(path: Path) -> bool:
+    """An OUT written before outputs were marked: its ``train/manifest.json`` is one of ours."""
+    try:
+        manifest = json.loads((path / "train" / manifest_io.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == manifest_io.FORMAT
+
+
+def _fate(task: _Task, stats: dict[str, manifest_io.SplitStats], tid: int) -> str:
+    """Where a task's records went: how many were held out, skipped and dropped, by reason."""
+    parts = [f"{int(task.valid.sum())} of its {task.records} records held out"]
+    for what in ("skipped", "dropped"):
+        reasons: collections.Counter = collections.Counter()
+        for split in SPLITS:
+            reasons.update(getattr(stats[split].tasks[tid], what))
+        if reasons:
+            counts = ", ".join(f"{reason}={n}" for reason, n in sorted(reasons.items()))
+            parts.append(f"{sum(reasons.values())} {what} ({counts})")
+    return ", ".join(parts)

@@ -121,7 +121,7 @@ def test_roles_are_case_insensitive_and_data_field_accepted():
 ])
 def test_bad_records_name_place_and_reason(raw, reason, needle):
     with pytest.raises(BadRecord) as info:
-        normalise(decode(raw, "data/x.jsonl:7"), "data/x.jsonl:7")
+        normalise(decode(raw, "data/x.jsonl", 7), "data/x.jsonl:7")
     assert info.value.reason == reason
     assert str(info.value).startswith("data/x.jsonl:7: ") and needle in str(info.value)
 

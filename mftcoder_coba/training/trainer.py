@@ -71,7 +71,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     distributed.barrier(world)
     _seed(cfg.train.seed)
     num_tasks = len(plan.train.tasks)
-    model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks)
+    model = build_model(cfg.model, plan.train.vocab_size, num_tasks)
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
             and not (cfg.run_dir / "base_model" / "config.json").is_file():
         save_base_model(model, cfg.run_dir / "base_model")
