@@ -2,6 +2,8 @@
 
 The decoded row shows each packed sample on its own, with the tokens that are loss targets wrapped in
 ``[[`` ``]]``: the quickest way to see that the loss covers the replies and their end marker, nothing else.
+A task without held-out rows is marked ``(!)`` in the valid table and explained under it: training runs
+anyway, but a balancer driven by held-out loss has nothing to measure that task by.
 """
 from __future__ import annotations
 
@@ -12,20 +14,30 @@ import numpy as np
 
 from mftcoder_coba.data import IGNORE_INDEX, PackedDataset
 from mftcoder_coba.data_prep import manifest as manifest_io
+from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT
 from mftcoder_coba.errors import UserError
 
 COLUMNS = ("task", "samples", "rows", "tokens", "loss tok", "util %", "truncated", "dropped", "skipped")
+GAP_MARK = "(!)"
 
 
 def _count(reasons: dict[str, int]) -> str:
     return str(sum(reasons.values())) + (f" ({', '.join(f'{k}={v}' for k, v in reasons.items())})" if reasons else "")
 
 
+def held_out_gaps(manifest: dict) -> list[str]:
+    """The tasks of a valid split's manifest without a single held-out sample (none for a train split)."""
+    if manifest.get("split") != "valid":
+        return []
+    return [name for name in manifest["tasks"] if not manifest["task_stats"][name]["samples"]]
+
+
 def task_table(manifest: dict) -> str:
     rows = [COLUMNS]
+    gaps = set(held_out_gaps(manifest))
     for name in manifest["tasks"]:
         s = manifest["task_stats"][name]
-        rows.append((name, str(s["samples"]), str(s["rows"]), str(s["tokens"]), str(s["loss_tokens"]),
+        rows.append((f"{name} {GAP_MARK}" if name in gaps else name, str(s["samples"]), str(s["rows"]), str(s["tokens"]), str(s["loss_tokens"]),
                      f"{100 * s['utilisation']:.2f}", str(s["truncated"]), _count(s["dropped"]),
                      _count(s["skipped"])))
     totals = manifest["totals"]
@@ -42,6 +54,8 @@ def print_tables(out: Path) -> None:
         print(f"{out / split}: {manifest['num_rows']} rows x {manifest['seq_len']} tokens, "
               f"{len(manifest['shards'])} shard(s), template {manifest.get('template')}")
         print(task_table(manifest))
+        for name in held_out_gaps(manifest):
+            print(f"{GAP_MARK} task '{name}': {NO_HELD_OUT}")
         print()
 
 

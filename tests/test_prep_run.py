@@ -180,11 +180,13 @@ def test_skip_bad_counts_every_reason(tmp_path):
 def test_user_errors_for_paths_tokenizer_and_options(tmp_path):
     ok = _write(tmp_path / "x.jsonl", [json.dumps({"text": "hello"})] * 3)
     empty = _write(tmp_path / "e.jsonl", [])
+    not_tokenizer = tmp_path / "not_tok"
+    not_tokenizer.mkdir()
     cases = [
         (dict(tasks={"t": tmp_path / "missing.jsonl"}), "missing.jsonl: task 't': no such file"),
         (dict(tasks={"t": empty}), "e.jsonl: empty file"),
         (dict(tasks={"t": ok}, tokenizer=tmp_path / "no_tok"), "no_tok: tokenizer directory not found"),
-        (dict(tasks={"t": ok}, tokenizer=tmp_path), "cannot load tokenizer"),
+        (dict(tasks={"t": ok}, tokenizer=not_tokenizer), "cannot load tokenizer"),
         (dict(tasks=[("t", ok), ("t", ok)]), "task name 't' given twice"),
         (dict(tasks={"t": ok}, seq_len=1), "--seq-len"),
         (dict(tasks={"t": ok}, valid_samples_per_task=3), "leaves none to train on"),
