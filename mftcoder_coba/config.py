@@ -155,6 +155,21 @@ class TrainConfig:
     """Implementation of the per-task loss kernels (``auto``: Triton on CUDA, PyTorch otherwise)."""
     tensorboard: bool = True
     """Also write TensorBoard scalars under run_dir/tensorboard."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """What a non-finite training loss or gradient norm does. ``stop``: the run ends at once with one line
+    naming the step and the tasks whose losses were non-finite (``TrainingDiverged``, exit status 2), before
+    the optimizer applies that step, and no checkpoint is written for it. ``skip``: the step is not applied
+    (neither the optimizer nor the LR schedule move; the batch is consumed and the step counted), metrics
+    count it as ``skipped_steps``, and the run stops anyway after ``max_skipped_steps`` consecutive skips."""
+    max_skipped_steps: int = 10
+    """With ``nonfinite: skip``: this many consecutive skipped steps stop the run (a diverged model does
+    not recover by skipping)."""
+    cpu_threads: int | Literal["auto"] = "auto"
+    """PyTorch intra-op threads per rank on CPU. ``auto``: the cores this process may run on
+    (``os.sched_getaffinity``) divided by the ranks on this host (``LOCAL_WORLD_SIZE``), at least 1, unless
+    ``OMP_NUM_THREADS`` is set, which then wins. PyTorch's own default (every core of the host) oversubscribes
+    a shared or multi-rank machine: single-process CPU training ran ~30x slower than with one thread on a busy
+    host. Ignored on GPU."""
 
     def validate(self) -> None:
         check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
@@ -169,6 +184,9 @@ class TrainConfig:
         check(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
         check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
         check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
+        check(self.cpu_threads == "auto" or self.cpu_threads >= 1, "train.cpu_threads",
+              f"must be >= 1 or 'auto', got {self.cpu_threads}")
 
 
 @dataclass

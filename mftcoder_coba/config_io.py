@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -109,6 +110,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        _refuse_non_finite(value, path)
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -147,14 +149,18 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(f"config field '{path}': expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config field '{path}': expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config field '{path}': expected a number, got {value!r}")
+        _refuse_non_finite(number, path)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -164,3 +170,19 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return Path(value)
         raise ConfigError(f"config field '{path}': expected a path, got {value!r}")
     return value
+
+
+def _refuse_non_finite(value: Any, path: str) -> None:
+    """No inf or NaN anywhere in a config value (free-form ones like ``balancer.options`` included).
+
+    Why: YAML's ``.inf`` / ``.nan`` and JSON's ``Infinity`` parse as floats, and ``optim.lr: .inf`` used to be
+    accepted: the loss was NaN from step 2 and an all-NaN checkpoint was published with exit status 0. No
+    setting of this project means anything when infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config field '{path}': must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _refuse_non_finite(item, f"{path}[{i}]")

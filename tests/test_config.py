@@ -164,3 +164,35 @@ def test_static_weights_by_task_name_follow_task_order(prepared: Path, tmp_path:
     assert options["weights"] == [float(len(tasks) - i) for i in range(len(tasks))]
     with pytest.raises(ConfigError, match=f"no entry for task\\(s\\) {tasks[0]}"):
         balancer_options({"weights": {t: 1.0 for t in tasks[1:]}}, tasks)
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("optim.betas=[0.9, .inf]", r"optim.betas\[1\]"),
+    ("optim.eps=-.inf", "optim.eps"),
+    ("balancer.options.tau=.inf", "balancer.options.tau"),
+    ("balancer.options.weights={a: [1, .nan]}", r"balancer.options.weights.a\[1\]"),
+])
+def test_non_finite_numbers_are_refused_anywhere(tmp_path: Path, override: str, field: str) -> None:
+    path = write_config(tmp_path / "run.json", _minimal(tmp_path))
+    with pytest.raises(ConfigError, match=rf"config field '{field}': must be a finite number, got "):
+        load_run_config(path, [override])
+    data = _minimal(tmp_path)
+    data["optim"] = {"lr": float("inf")}  # JSON's Infinity
+    (tmp_path / "inf.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="config field 'optim.lr': must be a finite number, got inf"):
+        load_run_config(tmp_path / "inf.json")
+
+
+def test_divergence_and_thread_fields(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "run.json", _minimal(tmp_path))
+    cfg = load_run_config(path)
+    assert (cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.cpu_threads) == ("stop", 10, "auto")
+    cfg = load_run_config(path, ["train.nonfinite=skip", "train.max_skipped_steps=3", "train.cpu_threads=4"])
+    assert (cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.cpu_threads) == ("skip", 3, 4)
+    for override, field in (("train.nonfinite=ignore", "train.nonfinite"),
+                            ("train.max_skipped_steps=0", "train.max_skipped_steps"),
+                            ("train.cpu_threads=0", "train.cpu_threads")):
+        with pytest.raises(ConfigError, match=f"config field '{field}'"):
+            load_run_config(path, [override])
