@@ -148,3 +148,17 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def shard_problem(file: Path, entry: dict[str, Any]) -> str | None:
+    """What is wrong with shard ``file`` against its manifest entry (missing, size, sha256), or None.
+
+    The one check behind ``mftcoder-coba verify`` and the check ``train`` runs before it reads a split."""
+    if not file.is_file():
+        return f"{file}: missing"
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        return f"{file}: {size} bytes, manifest says {entry['bytes']}"
+    if file_sha256(file) != entry["sha256"]:
+        return f"{file}: sha256 mismatch (corrupted or modified)"
+    return None

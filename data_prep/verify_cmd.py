@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from mftcoder_coba.data_prep import manifest as manifest_io
-from mftcoder_coba.data_prep.shards import file_sha256
+from mftcoder_coba.data_prep.shards import shard_problem
 from mftcoder_coba.data_prep.tokens import tokenizer_files_sha256
 from mftcoder_coba.errors import UserError
 
@@ -16,13 +16,9 @@ def verify(out: Path) -> list[str]:
     for split in ("train", "valid"):
         manifest = manifest_io.load(out / split)
         for shard in manifest["shards"]:
-            file = out / split / shard["file"]
-            if not file.is_file():
-                problems.append(f"{file}: missing")
-            elif file.stat().st_size != shard["bytes"]:
-                problems.append(f"{file}: {file.stat().st_size} bytes, manifest says {shard['bytes']}")
-            elif file_sha256(file) != shard["sha256"]:
-                problems.append(f"{file}: sha256 mismatch (corrupted or modified)")
+            problem = shard_problem(out / split / shard["file"], shard)
+            if problem:
+                problems.append(problem)
         tok_dir = out / split / manifest["tokenizer"]["dir"]
         if tok_dir.is_dir() and tokenizer_files_sha256(tok_dir)[0] != manifest["tokenizer"]["sha256"]:
             problems.append(f"{tok_dir.resolve()}: tokenizer files differ from the ones the shards were made with")

@@ -5,6 +5,10 @@ share one page cache), and returns rows as int64 NumPy arrays of length ``seq_le
 ``labels`` (the next-token target, -100 where there is no loss), ``task_ids`` (-1 on padding) and
 ``position_ids`` (restarting at 0 for every packed sample; padding forms its own segment). Labels are
 derived from the stored per-token loss flag, so they can never disagree with the input ids.
+
+Every gathered batch is checked for ids the model cannot index (:meth:`PackedDataset.rows`), and the
+tokenizer is only ever taken from the prepared output itself, checked against the manifest's hashes
+(:meth:`PackedDataset.tokenizer_files`).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mftcoder_coba.data_prep import manifest as manifest_io
-from mftcoder_coba.data_prep.shards import row_dtype
+from mftcoder_coba.data_prep.shards import file_sha256, row_dtype
 from mftcoder_coba.errors import UserError
 
 IGNORE_INDEX = -100
@@ -50,12 +54,40 @@ class PackedDataset:
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        """The tokenizer the shards were made with: the copy inside OUT, else the original directory."""
-        info = self.manifest["tokenizer"]
-        for candidate in (self.path / info["dir"] if info.get("dir") else None, info.get("source")):
-            if candidate and Path(candidate).is_dir():
-                return Path(candidate).resolve()
-        return None
+        """The tokenizer copy prep wrote beside the splits (``OUT/tokenizer``), or None if there is none.
+
+        The manifest's ``tokenizer.dir`` / ``tokenizer.source`` are records of how the data was made, never
+        paths to follow: a manifest naming some other folder (a home directory with keys in it) must not make
+        ``train`` copy that folder into a run directory. Use :meth:`tokenizer_files` to read it."""
+        folder = self.path.resolve().parent / "tokenizer"
+        return folder if folder.is_dir() else None
+
+    def tokenizer_files(self) -> list[Path]:
+        """The known tokenizer files (``data_prep.pipeline.TOKENIZER_FILES``) of :attr:`tokenizer_dir`, each
+        checked against its sha256 in the manifest; [] when there is no tokenizer copy. Other files in that
+        folder are never listed. A file that differs, or one the manifest lists but that is missing, is one
+        :class:`UserError` naming it."""
+        from mftcoder_coba.data_prep.pipeline import TOKENIZER_FILES  # prep's imports only when asked
+
+        folder = self.tokenizer_dir
+        if folder is None:
+            return []
+        hashes = self.manifest["tokenizer"].get("files")
+        manifest_file = self.path / manifest_io.MANIFEST
+        if not isinstance(hashes, dict):
+            raise UserError(f"{manifest_file}: no tokenizer file hashes (tokenizer.files); prepare the data again")
+        files = []
+        for name in TOKENIZER_FILES:
+            if name not in hashes:
+                continue
+            file = folder / name
+            if not file.is_file():
+                raise UserError(f"{file}: tokenizer file listed in {manifest_file} is missing")
+            if file_sha256(file) != hashes[name]:
+                raise UserError(f"{file}: differs from the tokenizer the shards were made with "
+                                f"(sha256 in {manifest_file}); run `mftcoder-coba verify`")
+            files.append(file)
+        return files
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -81,11 +113,37 @@ class PackedDataset:
     def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``idx`` stacked as ``(len(idx), seq_len)`` int64 arrays."""
         rec = self._records(idx)
+        self._check_ids(np.asarray(idx, dtype=np.int64).reshape(-1), rec)
         input_ids = rec["input_ids"].astype(np.int64)
         labels = np.full_like(input_ids, IGNORE_INDEX)
         labels[:, :-1] = np.where(rec["loss"][:, :-1] != 0, input_ids[:, 1:], IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels, "task_ids": rec["task_ids"].astype(np.int64),
                 "position_ids": rec["position_ids"].astype(np.int64)}
+
+    def _check_ids(self, idx: np.ndarray, rec: np.ndarray) -> None:
+        """Refuse rows whose ids the model cannot index: input ids outside [0, vocab_size), task ids outside
+        [-1, num_tasks). One :class:`UserError` naming the shard file and its row.
+
+        Done here, on every gathered batch, rather than once per shard at verification: it is a few vectorised
+        comparisons per token (nothing next to a forward pass), it covers every reader (training, held-out
+        measurement, post-step re-evaluation), and it holds whatever happened to the file after it was
+        verified or when checksums were regenerated over bad data. Without it an out-of-range id surfaced
+        as a raw IndexError (or a device-side assert on GPU) deep inside the embedding."""
+        ids, tasks = rec["input_ids"], rec["task_ids"]
+        bad = ((ids >= self.vocab_size) | (tasks < -1) | (tasks >= len(self.tasks))).any(axis=1)
+        if np.issubdtype(ids.dtype, np.signedinteger):
+            bad |= (ids < 0).any(axis=1)
+        if not bad.any():
+            return
+        j = int(np.flatnonzero(bad)[0])
+        shard = int(np.searchsorted(self._starts, idx[j], side="right") - 1)
+        ids_j, tasks_j = ids[j].astype(np.int64), tasks[j].astype(np.int64)
+        bad_id = (ids_j < 0) | (ids_j >= self.vocab_size)
+        what = (f"input id {int(ids_j[bad_id][0])} outside [0, {self.vocab_size})" if bad_id.any() else
+                f"task id {int(tasks_j[(tasks_j < -1) | (tasks_j >= len(self.tasks))][0])} outside "
+                f"[-1, {len(self.tasks)})")
+        raise UserError(f"{self.path / self.manifest['shards'][shard]['file']}: row {int(idx[j] - self._starts[shard])}"
+                        f" holds {what} (corrupted shard; run `mftcoder-coba verify` and prepare the data again)")
 
     def task_rows(self, task: int | str) -> np.ndarray:
         """Rows holding tokens of ``task`` (an id or a name), ascending. In valid splits each row is one task."""

@@ -240,3 +240,13 @@ def test_observe_checks_what_it_is_fed() -> None:
     with pytest.raises(ValueError, match="positive integer"):
         Uniform(0)
     Uniform(2).observe(1, losses=[1.0, 2.0])  # observations a method does not need are accepted
+
+
+@pytest.mark.parametrize("name", sorted(BALANCERS))
+def test_negative_losses_are_refused(name: str) -> None:
+    b = build_balancer(name, 2, {"weights": [1.0, 2.0]} if name == "static" else OPTIONS.get(name, {}))
+    with pytest.raises(ValueError, match=rf"balancer '{name}': losses must be >= 0 .* got -0.5 for task 1"):
+        b.observe(1, losses=[1.0, -0.5], train_losses=[1.0, 1.0], grad_norms=[1.0, 1.0])
+    with pytest.raises(ValueError, match="train_losses must be >= 0"):
+        b.observe(1, losses=[1.0, 1.0], train_losses=[-1e-3, 1.0], grad_norms=[1.0, 1.0])
+    b.observe(1, losses=[1.0, np.nan], train_losses=[-np.inf, 1.0], grad_norms=[1.0, 1.0])  # non-finite: unmeasured

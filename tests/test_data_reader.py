@@ -90,3 +90,26 @@ def test_reader_errors_name_the_problem(out, tmp_path):
     (broken / "valid" / "manifest.json").unlink()
     with pytest.raises(UserError, match="no manifest"):
         PackedDataset(broken / "valid")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("input_ids", "vocab", r"input id (\d+) outside \[0, \d+\)"),
+    ("task_ids", 99, r"task id 99 outside \[-1, 4\)"),
+    ("task_ids", -2, r"task id -2 outside \[-1, 4\)"),
+])
+def test_rows_refuse_ids_the_model_cannot_index(out, tmp_path, field, value, message):
+    broken = tmp_path / "copy"
+    shutil.copytree(out, broken)
+    ds = PackedDataset(broken / "train")
+    shard = ds.manifest["shards"][1]
+    value = ds.vocab_size if value == "vocab" else value
+    rows = np.memmap(broken / "train" / shard["file"], dtype=ds.dtype, mode="r+", shape=(shard["rows"],))
+    rows[field][3, 10] = value
+    rows.flush()
+    del rows
+    first = int(ds._starts[1])
+    ds.rows(np.array([first + 2, first + 4]))  # neighbours read fine
+    with pytest.raises(UserError, match=rf"shard-00001\.bin: row 3 holds {message} \(corrupted shard"):
+        ds.rows(np.array([0, first + 3]))
+    with pytest.raises(UserError, match="shard-00001.bin: row 3"):
+        ds[first + 3]

@@ -10,7 +10,8 @@ weights an uninterrupted one would.
 
 Observations are vectors of K floats (list, NumPy array or tensor). NaN means "this task was not measured"
 (absent from the batch or from the validation sample); any non-finite value is read that way, so one
-diverged measurement cannot turn the weights into NaN.
+diverged measurement cannot turn the weights into NaN. Negative values are refused (one ValueError): no loss
+or norm of this project is negative, and the balancers' ratios and logarithms of losses assume it.
 """
 from __future__ import annotations
 
@@ -149,6 +150,11 @@ class Balancer(ABC):
             raise ValueError(f"balancer '{self.name}': {what} must hold {self.num_tasks} values "
                              f"(one per task), got shape {np.shape(values)}")
         vector[~np.isfinite(vector)] = np.nan
+        negative = np.flatnonzero(vector < 0)  # NaN compares false
+        if negative.size:
+            k = int(negative[0])
+            raise ValueError(f"balancer '{self.name}': {what} must be >= 0 (they are cross-entropies or norms), "
+                             f"got {float(vector[k])!r} for task {k}")
         return vector
 
 

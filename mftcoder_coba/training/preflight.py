@@ -1,8 +1,9 @@
 """Every check a run can fail on because of its config, done before the process group, model or engine exist.
 
-Order matters only for the message the user sees first: shards, then balancer, then model/vocabulary, then
-batch shape against the world size, then the resume request (its checkpoint must hold the same tasks). Each failure is one ``ConfigError`` line
-naming the field.
+Order matters only for the message the user sees first: shards (their checksums too, see
+:mod:`~mftcoder_coba.training.verified`), then balancer (and held-out rows for every task it measures), then
+model/vocabulary, then batch shape against the world size, then the resume request (its checkpoint must hold
+the same tasks). Each failure is one ``ConfigError`` line naming the field.
 """
 from __future__ import annotations
 
@@ -17,25 +18,29 @@ from mftcoder_coba.config_io import check
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import check_model
-from mftcoder_coba.training import checkpoint, ds_config
+from mftcoder_coba.training import checkpoint, ds_config, verified
 
 
 @dataclass
 class Plan:
-    """What the checks established: the opened splits, the balancer, the ZeRO stage, where to resume."""
+    """What the checks established: the opened splits, the balancer, the ZeRO stage, where to resume, and the
+    verified tokenizer files to copy into the run."""
 
     train: PackedDataset
     valid: PackedDataset | None
     balancer: Balancer
     zero_stage: int
     resume_from: Path | None
+    tokenizer_files: list[Path]
 
 
 def _open_split(path: Path, field: str) -> PackedDataset:
     check((path / "manifest.json").is_file(), field,
           f"{path}: no prepared split here (manifest.json missing; run 'mftcoder-coba prep')")
     try:
-        return PackedDataset(path)
+        dataset = PackedDataset(path)
+        verified.verify_split(dataset)
+        return dataset
     except UserError as exc:
         raise ConfigError(f"config field '{field}': {exc}") from None
 
@@ -59,6 +64,10 @@ def balancer_options(options: dict[str, Any], tasks: list[str]) -> dict[str, Any
 def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
     """All checks; returns the :class:`Plan` the trainer starts from."""
     train = _open_split(cfg.data.train, "data.train")
+    try:
+        tokenizer_files = train.tokenizer_files()
+    except UserError as exc:
+        raise ConfigError(f"config field 'data.train': {exc}") from None
     balancer = build_balancer(cfg.balancer.name, len(train.tasks), balancer_options(cfg.balancer.options, train.tasks))
     valid = None
     if cfg.data.valid is not None:
@@ -69,6 +78,13 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
               "was prepared with another tokenizer or sequence length than data.train")
     check(valid is not None or not balancer.needs.validation, "data.valid",
           f"balancer '{cfg.balancer.name}' measures held-out loss: set data.valid to the prepared valid/ split")
+    if balancer.needs.validation:
+        # A task without held-out rows has no measured loss: CoBa gave such a task the largest weight (0.88).
+        unmeasured = [task for task in valid.tasks if valid.task_rows(task).size == 0]
+        check(not unmeasured, "data.valid",
+              f"task(s) {', '.join(unmeasured)} have no held-out rows, so balancer '{cfg.balancer.name}' cannot "
+              "measure them; prepare the data again holding records out of every task (prep "
+              "--valid-samples-per-task N, or a --valid-fraction that leaves each task at least one record)")
     check_model(cfg.model, train.vocab_size)
     if cfg.model.adapter == "cgc_lora":  # the clusters name the shards' tasks; the rank budget covers their experts
         cgc = cfg.model.cgc_lora
@@ -95,4 +111,5 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
         saved = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
         check(saved.get("tasks") == train.tasks, "data.train",
               f"tasks {train.tasks} differ from those of checkpoint {resume_from} ({saved.get('tasks')})")
-    return Plan(train=train, valid=valid, balancer=balancer, zero_stage=stage, resume_from=resume_from)
+    return Plan(train=train, valid=valid, balancer=balancer, zero_stage=stage, resume_from=resume_from,
+                tokenizer_files=tokenizer_files)
