@@ -220,6 +220,7 @@ def _train_tokens(train_dir: Path) -> dict[str, int]:
 
 
 def _cold_fusion(out: Path, steps: int) -> DemoResult:
+    """ColD Fusion as in the paper: every task's contributor fine-tunes, the models are averaged uniformly."""
     from mftcoder_coba.demo_data import DEMO_TASKS
     from mftcoder_coba.fusion import FusionConfig, run_cold_fusion
     from mftcoder_coba.plot_cmd import plot_run
@@ -229,20 +230,20 @@ def _cold_fusion(out: Path, steps: int) -> DemoResult:
     for task, path in DEMO_TASKS.items():
         data_dir = _prepare({task: path}, out / "data" / task)
         tokens.update(_train_tokens(data_dir / "train"))
-        contributors.append({"name": task, "train": str(data_dir / "train"), "valid": str(data_dir / "valid"),
-                             "weight": float(tokens[task])})
+        contributors.append({"name": task, "train": str(data_dir / "train"), "valid": str(data_dir / "valid")})
     template = run_data(out / "data", out / "run", steps)
     template["balancer"] = {"name": "uniform"}  # each contributor holds one task
     template["train"]["log_every"] = max(1, steps)
     cfg = config_io.build(FusionConfig, {"run_dir": str(out / "run"), "template": template,
-                                         "contributors": contributors, "iterations": FUSION_ITERATIONS})
-    log.info("demo [2/3] ColD Fusion: %d iterations x %d contributors x %d steps", FUSION_ITERATIONS,
-             len(contributors), steps)
+                                         "contributors": contributors, "iterations": FUSION_ITERATIONS,
+                                         "fusion_weights": "uniform"})
+    log.info("demo [2/3] ColD Fusion: %d iterations x %d contributors x %d steps, uniform average",
+             FUSION_ITERATIONS, len(contributors), steps)
     run_dir = run_cold_fusion(cfg)
     records = [json.loads(line) for line in (run_dir / "fusion_metrics.jsonl").read_text().splitlines() if line]
-    total = sum(c["weight"] for c in contributors)
+    weights = records[-1]["weights"]
     rows = [TaskRow(task, tokens[task], records[0]["valid_loss"].get(task), records[-1]["valid_loss"].get(task),
-                    tokens[task] / total) for task in DEMO_TASKS]
+                    weights.get(task)) for task in DEMO_TASKS]
     log.info("demo [3/3] plotting %s", run_dir / "plots")
     plots = plot_run(run_dir)
     model = Path(records[-1]["model"])

@@ -399,7 +399,8 @@ def test_save_load_round_trip_and_layout_mismatch(tmp_path) -> None:
 DEMO_CLUSTERS = {"code_completion": "code", "text_to_code": "code", "unit_tests": "code", "code_to_text": "text"}
 
 
-def test_trained_run_with_clusters_exports_one_adapter_per_cluster(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_trained_run_with_clusters_exports_one_adapter_per_cluster(prepared: Path,  # noqa: F811
+                                                                     tmp_path: Path) -> None:
     from mftcoder_coba.export_cmd import export_run
     from mftcoder_coba.training import train
 

@@ -1,5 +1,6 @@
 """ColD Fusion end to end on CPU: two contributors with their own shards of the shipped corpus fine-tune a tiny
-random-init Llama in turn, the repository averages them, and every task's held-out loss improves on the base."""
+random-init Llama in turn, the repository averages them, and every task's held-out loss improves on the base;
+contributors drawn per iteration, checkpoint selection on held-out loss, fusion weights, unseen tasks."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,14 @@ from transformers import AutoModelForCausalLM
 from mftcoder_coba import config_io
 from mftcoder_coba.cli import main as cli_main
 from mftcoder_coba.errors import ConfigError, UserError
-from mftcoder_coba.fusion import FusionConfig, run_cold_fusion
+from mftcoder_coba.fusion import FusionConfig, format_summary, run_cold_fusion
+from mftcoder_coba.fusion.cold_fusion import fusion_weights, sampled_contributors, select_checkpoint
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
               "tie_word_embeddings": False}
 SHARDS = {"alice": ["text_to_code", "code_to_text"], "bob": ["unit_tests"]}
+UNSEEN = {"carol": ["code_completion"]}                     # prepared, kept out of the pool
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
     root = tmp_path_factory.mktemp("contributors")
-    for name, tasks in SHARDS.items():
+    for name, tasks in {**SHARDS, **UNSEEN}.items():
         prepare(PrepOptions(tasks={t: DEMO_TASKS[t] for t in tasks}, tokenizer=TOKENIZER_DIR, seq_len=64,
                             out=root / name, valid_samples_per_task=4, seed=0))
     return root
@@ -115,3 +118,135 @@ def test_config_errors_stop_before_any_work(shards, tmp_path, capsys) -> None:
     assert cli_main(["cold-fusion", "--config", str(config), "iterations=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mftcoder-coba: error: ") and "iterations" in err and len(err.splitlines()) == 1
+
+
+def test_sampled_contributors_best_checkpoints_and_unseen_tasks(shards, tmp_path) -> None:
+    data = fusion_data(shards, tmp_path / "run", iterations=1, contributors_per_iteration=1, seed=5,
+                       contributor_selection="best_valid", unseen_steps=2,
+                       unseen=[{"name": "carol", "train": str(shards / "carol" / "train"),
+                                "valid": str(shards / "carol" / "valid")}])
+    data["template"]["train"].update(save_every=1, keep_last=3, max_steps=3)
+    data["template"]["balancer"].update(held_out="all", update_interval=1)
+    cfg = config_io.build(FusionConfig, data)
+    run_dir = run_cold_fusion(cfg)
+    lines = [json.loads(line) for line in (run_dir / "fusion_metrics.jsonl").read_text().splitlines()]
+    drawn = [c.name for c in sampled_contributors(cfg, 1)]
+    assert len(drawn) == 1 and sorted(lines[1]["weights"]) == drawn and lines[1]["weights"][drawn[0]] == 1.0
+    assert not (run_dir / "iteration-01" / next(n for n in SHARDS if n not in drawn)).exists()
+
+    # the handed-in checkpoint is the one with the lowest held-out loss in the contributor's metrics.jsonl
+    name = drawn[0]
+    metrics_path = run_dir / "iteration-01" / name / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    mean = {m["step"]: sum(m["valid_loss"].values()) / len(m["valid_loss"]) for m in metrics if m["step"] >= 1}
+    best = min(mean, key=lambda step: (mean[step], step))
+    assert lines[1]["selected_step"] == {name: best}
+    assert lines[1]["contributors"][name].endswith(f"step-{best:08d}/model")
+
+    # unseen task: base and fused model each fine-tuned 2 steps, held-out loss before and after
+    unseen = lines[-1]["unseen"]
+    assert unseen["steps"] == 2 and set(unseen["valid_loss"]) == {"base", "fused"}
+    for start in ("base", "fused"):
+        before, after = unseen["start_loss"][start]["code_completion"], unseen["valid_loss"][start]["code_completion"]
+        assert after < before, (start, before, after)
+        job = yaml.safe_load((run_dir / "iteration-01" / "unseen" / "carol" / f"{start}.yaml").read_text())
+        assert job["train"]["max_steps"] == 2 and job["model"]["path"] == unseen["models"][start]
+    assert unseen["models"]["fused"] == lines[-1]["model"]
+    table = format_summary(lines)
+    assert "unseen task" in table and "code_completion" in table and "fused+2" in table
+
+    # continuing with more iterations: iteration 1 is kept (with its unseen measurement), iteration 2 draws
+    # what seed 5 gives for i = 2, and the unseen tasks are measured again from the new last fused model
+    more = config_io.build(FusionConfig, {**data, "iterations": 2})
+    checkpoints = run_dir / "iteration-01" / name / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()}
+    run_cold_fusion(more)
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()} == before
+    again = [json.loads(line) for line in (run_dir / "fusion_metrics.jsonl").read_text().splitlines()]
+    assert again[:2] == lines
+    assert sorted(again[2]["weights"]) == [c.name for c in sampled_contributors(more, 2)]
+    assert again[2]["unseen"]["models"]["fused"] == again[2]["model"]
+
+
+def test_contributor_draws_depend_only_on_seed_and_iteration(shards, tmp_path) -> None:
+    def cfg(**fields) -> FusionConfig:
+        data = fusion_data(shards, tmp_path / "run", **fields)
+        data["contributors"] = [{"name": f"c{i}", "train": str(shards / "alice" / "train"),
+                                 "valid": str(shards / "alice" / "valid")} for i in range(8)]
+        return config_io.build(FusionConfig, data)
+
+    a, b = cfg(contributors_per_iteration=3, seed=1, iterations=2), cfg(contributors_per_iteration=3, seed=1,
+                                                                         iterations=9)
+    draws = [[c.name for c in sampled_contributors(a, i)] for i in range(1, 10)]
+    assert draws == [[c.name for c in sampled_contributors(b, i)] for i in range(1, 10)]
+    assert all(len(d) == 3 == len(set(d)) for d in draws) and len({tuple(d) for d in draws}) > 1
+    other = cfg(contributors_per_iteration=3, seed=2)
+    assert draws != [[c.name for c in sampled_contributors(other, i)] for i in range(1, 10)]
+    assert len(sampled_contributors(cfg(), 1)) == 8                            # default: everyone
+
+
+def test_fusion_weights_uniform_tokens_given(shards, tmp_path) -> None:
+    pool = fusion_data(shards, tmp_path / "run")
+    uniform = config_io.build(FusionConfig, pool)
+    assert uniform.fusion_weights == "uniform" and fusion_weights(uniform, uniform.contributors) == [0.5, 0.5]
+    tokens = config_io.build(FusionConfig, {**pool, "fusion_weights": "tokens"})
+    counts = [json.loads((shards / n / "train" / "manifest.json").read_text())["totals"]["tokens"] for n in SHARDS]
+    assert fusion_weights(tokens, tokens.contributors) == pytest.approx([c / sum(counts) for c in counts])
+    given = fusion_data(shards, tmp_path / "run", fusion_weights="given")
+    given["contributors"][0]["weight"], given["contributors"][1]["weight"] = 3.0, 1.0
+    given_cfg = config_io.build(FusionConfig, given)
+    assert fusion_weights(given_cfg, given_cfg.contributors) == [0.75, 0.25]
+
+
+def _checkpoint(run: Path, step: int) -> None:
+    folder = run / "checkpoints" / f"step-{step:08d}"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "trainer_state.json").write_text("{}")
+
+
+def test_select_checkpoint_reads_the_contributors_metrics(tmp_path) -> None:
+    run = tmp_path / "job"
+    for step in (2, 4, 6):
+        _checkpoint(run, step)
+    losses = {0: 3.0, 2: 2.0, 4: 1.5, 6: 1.7}
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "valid_loss": {"a": v, "b": v + 0.2}}) + "\n" for s, v in losses.items()))
+    assert select_checkpoint(run, "best_valid") == (run / "checkpoints" / "step-00000004" / "model", 4)
+    assert select_checkpoint(run, "last") == (run / "checkpoints" / "step-00000006" / "model", 6)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "valid_loss": {"a": 1.0}}) + "\n")
+    with pytest.raises(UserError, match=r"no held-out loss at checkpoint step\(s\) \[4, 6\]"):
+        select_checkpoint(run, "best_valid")
+
+
+def test_new_option_errors_name_their_field(shards, tmp_path) -> None:
+    def error_of(data: dict) -> str:
+        with pytest.raises(ConfigError) as info:
+            run_cold_fusion(config_io.build(FusionConfig, data))
+        return str(info.value)
+
+    data = fusion_data(shards, tmp_path / "run", contributors_per_iteration=3)
+    assert "contributors_per_iteration" in error_of(data)
+    data = fusion_data(shards, tmp_path / "run")
+    data["contributors"][0]["weight"] = 2.0
+    assert "contributors[0].weight" in error_of(data) and "fusion_weights 'given'" in error_of(data)
+    assert "contributors[0].weight" in error_of(fusion_data(shards, tmp_path / "run", fusion_weights="given"))
+    data = fusion_data(shards, tmp_path / "run", contributor_selection="best_valid")
+    assert "contributor_selection" in error_of(data) and "save_every" in error_of(data)
+    data["template"]["train"].update(save_every=1, keep_last=1)
+    assert "keep_last >= 3" in error_of(data)
+    data["template"]["train"]["keep_last"] = 3
+    assert "balancer.held_out" in error_of(data)
+    unseen = {"name": "again", "train": str(shards / "bob" / "train"), "valid": str(shards / "bob" / "valid")}
+    assert "unseen[0]" in error_of(fusion_data(shards, tmp_path / "run", unseen=[unseen]))   # in the pool
+    assert "unseen_steps" in error_of(fusion_data(shards, tmp_path / "run", unseen_steps=0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_fuses_uniformly(tmp_path) -> None:
+    from mftcoder_coba.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=1, mode="cold-fusion")
+    assert [r.weight for r in result.rows] == [0.25] * 4
+    config = yaml.safe_load((tmp_path / "demo" / "run" / "fusion_config.yaml").read_text())
+    assert config["fusion_weights"] == "uniform"

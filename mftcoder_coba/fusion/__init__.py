@@ -4,7 +4,14 @@
 runs the whole loop locally from a :class:`FusionConfig` (``mftcoder-coba cold-fusion``).
 """
 from mftcoder_coba.fusion.average import average_models, inspect_model_dir
-from mftcoder_coba.fusion.cold_fusion import Contributor, FusionConfig, load_fusion_config, run_cold_fusion
+from mftcoder_coba.fusion.cold_fusion import (
+    Contributor,
+    FusionConfig,
+    UnseenTask,
+    format_summary,
+    load_fusion_config,
+    run_cold_fusion,
+)
 
-__all__ = ["Contributor", "FusionConfig", "average_models", "inspect_model_dir", "load_fusion_config",
-           "run_cold_fusion"]
+__all__ = ["Contributor", "FusionConfig", "UnseenTask", "average_models", "format_summary", "inspect_model_dir",
+           "load_fusion_config", "run_cold_fusion"]
