@@ -288,10 +288,14 @@ def _is_dataset_dir(path: Path) -> bool:
 
 
 def _dataset_sources(path: Path) -> list[Source]:
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-        return [Source(path, str(split)) for split in sorted(splits)]
-    return [Source(path, "")]
+    index = path / "dataset_dict.json"
+    if not index.is_file():
+        return [Source(path, "")]
+    try:
+        splits = json.loads(index.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{index}: not a datasets split index ({type(exc).__name__}: {exc})") from None
+    return [Source(path, str(split)) for split in sorted(splits)]
 
 
 def resolve_sources(task: str, path: Path) -> list[Source]:
@@ -355,7 +359,8 @@ def _load_dataset(source: Source) -> Any:
     try:
         loaded = datasets.load_from_disk(str(source.path))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for a broken directory
-        raise UserError(f"{source.path}: cannot load datasets directory: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{source.path}: cannot load datasets directory: {first}") from None
     return loaded[source.split] if source.split else loaded
 
 

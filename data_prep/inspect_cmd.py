@@ -37,9 +37,9 @@ def task_table(manifest: dict) -> str:
     gaps = set(held_out_gaps(manifest))
     for name in manifest["tasks"]:
         s = manifest["task_stats"][name]
-        rows.append((f"{name} {GAP_MARK}" if name in gaps else name, str(s["samples"]), str(s["rows"]), str(s["tokens"]), str(s["loss_tokens"]),
-                     f"{100 * s['utilisation']:.2f}", str(s["truncated"]), _count(s["dropped"]),
-                     _count(s["skipped"])))
+        rows.append((f"{name} {GAP_MARK}" if name in gaps else name, str(s["samples"]), str(s["rows"]),
+                     str(s["tokens"]), str(s["loss_tokens"]), f"{100 * s['utilisation']:.2f}", str(s["truncated"]),
+                     _count(s["dropped"]), _count(s["skipped"])))
     totals = manifest["totals"]
     rows.append(("(all)", str(totals["samples"]), str(totals["rows"]), str(totals["tokens"]),
                  str(totals["loss_tokens"]), f"{100 * manifest['utilisation']:.2f}", "", "", ""))

@@ -87,7 +87,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 def test_json_array_elements_are_named_by_line_and_column(tmp_path):
     good = json.dumps({"prompt": "q", "answer": "a"})
-    text = "[\n  " + good + ",\n  {\"prompt\": \"q\"},\n  {\n    \"prompt\": \"q\",\n    \"answer\": \"a\" \"b\"\n  }\n]\n"
+    text = "[\n  " + good + ',\n  {"prompt": "q"},\n  {\n    "prompt": "q",\n    "answer": "a" "b"\n  }\n]\n'
     path = _write(tmp_path / "x.json", text.encode())
     assert [(line, column) for line, column, _ in iter_raw(Source(path))] == [(2, 3), (3, 3), (4, 3)]
     with pytest.raises(UserError, match=rf"^{path}:3:3: field 'answer' missing"):
@@ -120,3 +120,13 @@ def test_malformed_json_names_the_real_column(tmp_path):
         prepare(_opts({"t": path}, tmp_path / "out", valid_samples_per_task=1))
     with pytest.raises(BadRecord, match=r"^x\.jsonl:4: not valid UTF-8 \(byte 0xff at column 11\)$"):
         decode(b'{"text": "\xff"}\n', "x.jsonl", 4)
+
+
+def test_broken_datasets_directory_is_one_line(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_dict.json").write_text('{"splits": ')
+    with pytest.raises(UserError, match=r"ds/dataset_dict\.json: not a datasets split index \(JSONDecodeError"):
+        prepare(_opts({"t": tmp_path / "ds"}, tmp_path / "out"))
+    (tmp_path / "ds" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(UserError, match=r"ds: cannot load datasets directory: [^\n]*$"):
+        prepare(_opts({"t": tmp_path / "ds"}, tmp_path / "out"))

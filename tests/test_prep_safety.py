@@ -132,7 +132,7 @@ def test_workers_die_with_a_killed_prep(tmp_path):
         assert len(children) >= 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"still running after prep was killed: {alive}"
     finally:
         if proc.poll() is None:
@@ -142,9 +142,31 @@ def test_workers_die_with_a_killed_prep(tmp_path):
                 child.kill()
 
 
+def test_watchdog_ends_a_worker_whose_parent_died_where_prctl_is_missing():
+    # The fallback of systems without PR_SET_PDEATHSIG: a parent starts a child that only runs the watchdog.
+    watched = ("import sys; from mftcoder_coba.data_prep.pipeline import _watch_parent; "
+               "_watch_parent(int(sys.argv[1]), 0.05)")
+    starter = (f"import os, subprocess, sys, time; watched = {watched!r}; "
+               "print(subprocess.Popen([sys.executable, '-c', watched, str(os.getpid())]).pid, flush=True); "
+               "time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        time.sleep(0.5)
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE  # watching, parent alive
+        parent.kill()
+        parent.wait()
+        child.wait(timeout=10)  # raises psutil.TimeoutExpired if it outlives its parent
+    finally:
+        parent.kill()
+        if child.is_running():
+            child.kill()
+
+
 def test_start_removes_any_dead_writers_leftovers_beside_out(tmp_path):
-    import socket
     import re
+    import socket
 
     host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
