@@ -137,10 +137,16 @@ def float64_token_ce(model: torch.nn.Module, dataset: Any, rows: np.ndarray
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Run in-process work with one intra-op thread, as the child processes (OMP_NUM_THREADS=1) do, so a
-    reference run rounds exactly like them."""
+    reference run rounds exactly like them (``train`` reads OMP_NUM_THREADS: train.cpu_threads auto)."""
     threads = torch.get_num_threads()
+    omp = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        if omp is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp

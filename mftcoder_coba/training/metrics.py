@@ -109,7 +109,7 @@ class MetricsLog:
               grad_norm: float | None = None, tokens_per_s: float | None = None, mfu: float | None = None,
               train_loss: np.ndarray | None = None, valid_loss: np.ndarray | None = None,
               valid_s: float | None = None, weight_change: float | None = None,
-              diagnostics: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+              diagnostics: dict[str, np.ndarray] | None = None, skipped_steps: int = 0) -> dict[str, Any]:
         """Append the line of ``step`` (and its scalars); returns the record."""
         record: dict[str, Any] = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
@@ -122,6 +122,8 @@ class MetricsLog:
                 record["valid_s"] = valid_s
         if weight_change is not None:
             record["weight_change"] = weight_change
+        if skipped_steps:  # train.nonfinite: skip; steps not applied so far (this one included, if it was)
+            record["skipped_steps"] = skipped_steps
         for name, values in (diagnostics or {}).items():
             record[name] = _named(self.tasks, values)
         if not self.enabled:

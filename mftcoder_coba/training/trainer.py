@@ -11,9 +11,15 @@ The trainer composes; the pieces hold the algorithms. One optimizer step ``s``:
 4. per-task training sums all-reduced -> train losses; balancer observations as its ``Needs`` say (held-out
    sample every ``update_interval`` steps, post-step re-evaluation, head gradient norms);
 5. metrics line, checkpoint every ``save_every`` steps and at the end.
+
+Before the first step: every check of :mod:`preflight` (shard checksums included), then rank 0 locks the run
+directory (:mod:`run_lock`) before writing anything in it. Non-finite losses, gradient norms and weights stop
+the run or skip the step as ``train.nonfinite`` says (:mod:`divergence`). On CPU the intra-op thread count
+per rank is chosen by :mod:`threads`.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import random
@@ -27,9 +33,11 @@ import yaml
 from tqdm import tqdm
 
 from mftcoder_coba import config_io
+from mftcoder_coba.atomic import mark_output
 from mftcoder_coba.config import RunConfig
 from mftcoder_coba.models import build_model, save_base_model
-from mftcoder_coba.training import checkpoint, distributed, ds_config, preflight
+from mftcoder_coba.training import checkpoint, distributed, divergence, ds_config, preflight, run_lock, threads
+from mftcoder_coba.training.divergence import TrainingDiverged
 from mftcoder_coba.training.head_grads import HeadGradNorms
 from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, peak_flops
 from mftcoder_coba.training.objective import (TaskLoss, accumulate_gradients, loss_token_counts,
@@ -41,12 +49,18 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_run_dir(cfg: RunConfig, plan: preflight.Plan) -> None:
-    """config.yaml, the shards' tokenizer, no stale partial checkpoints (rank 0)."""
+    """The run marker, config.yaml, the shards' tokenizer, no stale partial checkpoints (rank 0, lock held).
+
+    Only the known tokenizer files of the prepared output's own copy are taken, checked against the manifest
+    by preflight (:meth:`PackedDataset.tokenizer_files`), never a folder the manifest names."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(cfg.run_dir, "run")
     text = yaml.safe_dump(config_io.to_dict(cfg), sort_keys=False)
     (cfg.run_dir / "config.yaml").write_text(text, encoding="utf-8")
-    if plan.train.tokenizer_dir is not None:
-        shutil.copytree(plan.train.tokenizer_dir, cfg.run_dir / "tokenizer", dirs_exist_ok=True)
+    if plan.tokenizer_files:
+        (cfg.run_dir / "tokenizer").mkdir(exist_ok=True)
+        for file in plan.tokenizer_files:
+            shutil.copyfile(file, cfg.run_dir / "tokenizer" / file.name)
     checkpoint.remove_partial(cfg.run_dir)
 
 
@@ -62,16 +76,31 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     ``resume``: ``None`` (a fresh run; refused if run_dir already has checkpoints), ``"auto"`` (continue
     from the newest complete checkpoint, or start fresh if there is none) or a checkpoint path. Works in a
     plain process (world size 1, process group created here) and under torchrun / the deepspeed launcher;
-    may be called repeatedly in one process.
+    may be called repeatedly in one process. Another run holding ``run_dir`` is refused (:mod:`run_lock`).
     """
-    plan = preflight.run(cfg, distributed.world_from_env().size, resume)
+    launched = distributed.world_from_env()
+    plan = preflight.run(cfg, launched.size, resume)
+    intra_op_threads = torch.get_num_threads()
+    with contextlib.ExitStack() as held:
+        if launched.is_main:
+            held.callback(run_lock.acquire(cfg.run_dir).release)
+        held.callback(torch.set_num_threads, intra_op_threads)
+        return _train_locked(cfg, plan)
+
+
+def _train_locked(cfg: RunConfig, plan: preflight.Plan) -> Path:
     world = distributed.init()
+    if world.device.type == "cpu":
+        choice = threads.resolve(cfg.train.cpu_threads)
+        torch.set_num_threads(choice.threads)
+        if world.is_main:
+            log.info(choice.describe())
     if world.is_main:
         _prepare_run_dir(cfg, plan)
     distributed.barrier(world)
     _seed(cfg.train.seed)
     num_tasks = len(plan.train.tasks)
-    model = build_model(cfg.model, plan.train.vocab_size, num_tasks)
+    model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks)
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
             and not (cfg.run_dir / "base_model" / "config.json").is_file():
         save_base_model(model, cfg.run_dir / "base_model")
@@ -99,6 +128,7 @@ class _Trainer:
             world.size, on_cuda=world.device.type == "cuda")
         self.model = self.engine.module.module
         self.step = 0
+        self.skipped_steps = self.consecutive_skips = 0  # train.nonfinite: skip
         position = DataPosition()
         b = cfg.balancer
         self.held_out = (HeldOutSample(plan.valid, cfg.train.seed, b.held_out, b.valid_rows_per_task,
@@ -108,6 +138,8 @@ class _Trainer:
             state = checkpoint.load(self.engine, plan.resume_from, world)
             self.step = int(state["step"])
             position = DataPosition(**state["data_position"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.consecutive_skips = int(state.get("consecutive_skips", 0))
             self.balancer.load_state_dict(state["balancer"])
             if self.held_out is not None:
                 self.held_out.load_state_dict(state.get("held_out"))
@@ -152,13 +184,23 @@ class _Trainer:
         weights = self.balancer.weights()
         on_hidden = (lambda hidden, batch: self.head_grads.add(hidden, batch, counts)) if self.head_grads else None
         sums = accumulate_gradients(self.engine, micro, weights, counts, self.world.device, on_hidden=on_hidden)
+        sums = distributed.all_reduce_sum(sums, self.world)  # before the step: every rank judges the same losses
         grad_norm = self._local_grad_norm()
         lr = float(self.scheduler.get_last_lr()[0])
-        self.engine.step()
+        problem = divergence.step_problem(sums, counts, grad_norm, self.tasks)
+        if problem is not None:
+            self._non_finite(step, problem)  # raises unless the step is to be skipped
+        with divergence.update_disabled(self.engine) if problem else contextlib.nullcontext():
+            self.engine.step()
         engine_norm = self.engine.get_global_grad_norm()
         if engine_norm is not None:
             grad_norm = float(engine_norm)
-        sums = distributed.all_reduce_sum(sums, self.world)
+        if problem is None:  # DeepSpeed's own norm (ZeRO 1-3, bf16); a non-finite one it did not apply
+            problem = divergence.step_problem(sums, counts, grad_norm, self.tasks)
+            if problem is not None:
+                self._non_finite(step, problem)
+        if problem is None:
+            self.consecutive_skips = 0
         train_losses = per_task_mean(sums, counts)
         self.step = step
 
@@ -190,14 +232,32 @@ class _Trainer:
         elapsed = time.perf_counter() - start
         tokens_per_s = self.cfg.train.global_batch_size * self.plan.train.seq_len / elapsed
         mfu = (tokens_per_s * self.flops_per_token / (self.peak * self.world.size)) if self.peak else None
-        record = self.metrics.write(step, weights=weights, loss=objective_value(weights, sums, counts), lr=lr,
-                                    grad_norm=grad_norm, tokens_per_s=tokens_per_s, mfu=mfu,
-                                    train_loss=train_losses, valid_loss=valid, valid_s=valid_s,
-                                    weight_change=weight_change, diagnostics=diagnostics)
-        if self.world.is_main and (step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps):
+        loss = objective_value(weights, sums, counts)
+        record = self.metrics.write(step, weights=weights, loss=loss if np.isfinite(loss) else None, lr=lr,
+                                    grad_norm=grad_norm if problem is None else None, tokens_per_s=tokens_per_s,
+                                    mfu=mfu, train_loss=train_losses, valid_loss=valid, valid_s=valid_s,
+                                    weight_change=weight_change, diagnostics=diagnostics,
+                                    skipped_steps=self.skipped_steps)
+        if problem is None and self.world.is_main and (step % self.cfg.train.log_every == 0
+                                                       or step == self.cfg.train.max_steps):
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f weights %s", step,
                      self.cfg.train.max_steps, record["loss"], lr, grad_norm, tokens_per_s,
                      " ".join(f"{t}={w:.3f}" for t, w in record["weights"].items()))
+
+    def _non_finite(self, step: int, problem: str) -> None:
+        """Stop (``train.nonfinite: stop``, or too many consecutive skips) or count a skipped step."""
+        t = self.cfg.train
+        if t.nonfinite == "stop":
+            raise TrainingDiverged(f"training diverged at step {step}: {problem}; stopped before applying the step "
+                                   "(train.nonfinite: stop), no checkpoint written for it; lower optim.lr or check "
+                                   "the data, then resume from the last checkpoint")
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= t.max_skipped_steps:
+            raise TrainingDiverged(f"training diverged at step {step}: {problem}; {self.consecutive_skips} steps in a "
+                                   f"row skipped (train.max_skipped_steps), stopping; lower optim.lr or check the data")
+        if self.world.is_main:
+            log.warning("step %d not applied (train.nonfinite: skip): %s", step, problem)
 
     def _local_grad_norm(self) -> float | None:
         """Global gradient norm where the engine reports none (ZeRO-0 in fp32 keeps full grads on each rank)."""
@@ -208,6 +268,11 @@ class _Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _save(self) -> None:
+        bad = distributed.all_reduce_sum(np.array([divergence.nonfinite_weights(self.engine)]), self.world)[0]
+        if bad:  # every rank sums the same count: all refuse together, before any of them writes
+            raise TrainingDiverged(f"training diverged by step {self.step}: {int(bad)} trainable weight tensor(s) hold "
+                                   "inf or NaN; the checkpoint was not written; lower optim.lr, then resume from the "
+                                   "last checkpoint")
         consolidated = None
         if self.plan.zero_stage == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # keys of the TaskLoss wrapper
@@ -220,6 +285,8 @@ class _Trainer:
             "update_weights": self.update_weights.tolist(),
             "world_size": self.world.size,
             "tasks": self.tasks,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
         }
         path = checkpoint.save(self.engine, self.cfg.run_dir, self.step, state, self.world,
                                self.cfg.train.keep_last, consolidated)
