@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -33,11 +34,11 @@ import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from mftcoder_coba.atomic import check_replaceable, make_temp_dir, mark_output, publish, remove_stale
+from mftcoder_coba.atomic import OUTPUT_MARKER, check_replaceable, make_temp_dir, mark_output, publish, remove_stale
 from mftcoder_coba.data_prep import manifest as manifest_io
 from mftcoder_coba.data_prep.formats import BadRecord, Raw, Source, count_records, decode, iter_raw, normalise, \
     place, resolve_sources
@@ -70,8 +71,8 @@ class PrepOptions:
     """Everything ``prepare`` needs; the CLI flags of ``mftcoder-coba prep`` map one to one onto these."""
 
     tasks: Mapping[str, str | Path] | Sequence[tuple[str, str | Path]]
-    """Task name -> input path (jsonl / jsonl.gz file, directory of them, or datasets save_to_disk dir);
-    task ids follow this order."""
+    """Task name -> input path (a record file: .jsonl or .json, optionally .gz or .bz2, any case; a directory
+    searched for them; or a datasets save_to_disk directory); task ids follow this order."""
     tokenizer: str | Path
     """Local Hugging Face tokenizer directory (loaded offline)."""
     seq_len: int
@@ -410,6 +411,10 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     def check_out() -> None:
         check_replaceable(out, overwrite=opts.overwrite, kind=OUTPUT_KIND, owned=_made_by_prep,
                           inputs=[path for _, path in task_list] + [tokenizer_dir])
+        foreign = _foreign_entries(out) if out.is_dir() else []
+        if foreign:
+            raise UserError(f"{out}: holds {_names(foreign)}, which prep did not write and --overwrite would "
+                            "delete; move them out or choose another output directory")
 
     check_out()
     # Leftovers of any killed writer in OUT's folder (not only of an earlier run to this OUT): a dead prep's
@@ -531,6 +536,32 @@ def _made_by_prep(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == manifest_io.FORMAT
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Entries of an earlier prep OUT that prep does not write (a user's notes, say), relative to OUT."""
+    own: dict[str, Callable[[str], bool]] = {
+        "train": _split_file, "valid": _split_file, "tokenizer": TOKENIZER_FILES.__contains__}
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == OUTPUT_MARKER and entry.is_file() and not entry.is_symlink():
+            continue
+        allowed = own.get(entry.name)
+        if allowed is None or entry.is_symlink() or not entry.is_dir():
+            foreign.append(entry.name)
+            continue
+        foreign.extend(f"{entry.name}/{child.name}" for child in sorted(entry.iterdir())
+                       if child.is_symlink() or not child.is_file() or not allowed(child.name))
+    return foreign
+
+
+def _split_file(name: str) -> bool:
+    return name == manifest_io.MANIFEST or re.fullmatch(r"shard-\d+\.bin", name) is not None
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _fate(task: _Task, stats: dict[str, manifest_io.SplitStats], tid: int) -> str:

@@ -18,8 +18,9 @@ def parse_task(value: str) -> tuple[str, Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", required=True, metavar="NAME=PATH",
-                        help="a task and its data (.jsonl, .jsonl.gz, a directory of them, or a datasets "
-                             "save_to_disk directory); repeat per task, task ids follow this order")
+                        help="a task and its data (.jsonl, or .json holding an array or JSON lines, each optionally "
+                             ".gz or .bz2, any case; a directory searched for them; or a datasets save_to_disk "
+                             "directory); repeat per task, task ids follow this order")
     parser.add_argument("--tokenizer", required=True, type=Path, help="local Hugging Face tokenizer directory")
     parser.add_argument("--seq-len", required=True, type=int, help="tokens per packed row")
     parser.add_argument("--out", required=True, type=Path, help="output directory (train/, valid/, tokenizer/)")
@@ -36,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip bad records (counted by reason in the manifest) instead of stopping")
     parser.add_argument("--workers", type=int, default=1, help="render/tokenise processes")
     parser.add_argument("--rows-per-shard", type=int, help="rows per shard file (default: ~256 MiB shards)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is done")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that prep wrote, once the new one is done (never a folder "
+                             "holding the inputs or other files, never inside a run directory)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -70,6 +70,13 @@ def test_overwrite_replaces_a_prep_output_also_one_made_before_markers(tmp_path)
     prepare(_opts({"t": data}, out, seq_len=32, overwrite=True))
     assert json.loads((out / "train" / "manifest.json").read_text())["seq_len"] == 32
     assert output_kind(out) == OUTPUT_KIND
+    (out / "notes.txt").write_text("mine")  # a prep output holding a user's files: they would go with it
+    (out / "train" / "plot.png").write_text("mine too")
+    with pytest.raises(UserError, match=r"out: holds notes\.txt, train/plot\.png, which prep did not write"):
+        prepare(_opts({"t": data}, out, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train" / "plot.png").is_file()
+    (out / "notes.txt").unlink()
+    (out / "train" / "plot.png").unlink()
     (out / OUTPUT_MARKER).write_text("exported-model\n")  # another command's output is not prep's to replace
     (out / "train" / "manifest.json").write_text("{}")
     with pytest.raises(UserError, match="is not a prepared-data output"):
