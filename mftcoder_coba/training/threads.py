@@ -9,12 +9,9 @@ user said otherwise.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Literal, Mapping
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
