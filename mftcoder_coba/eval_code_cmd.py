@@ -19,7 +19,7 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.eval_cmd import add_model_arguments
 from mftcoder_coba.evaluation.code_eval import (canonical_completions, execute, format_summary, generate_completions,
                                                 records, summarize)
-from mftcoder_coba.evaluation.generation import Sampling
+from mftcoder_coba.evaluation.generation import CHAT_INSTRUCTION, Sampling
 from mftcoder_coba.evaluation.problems import HUMANEVAL, Problem, load_benchmark
 from mftcoder_coba.evaluation.sandbox import Limits
 from mftcoder_coba.evaluation.targets import (Target, is_cgc, load_model, pick_device, resolve_target, run_tasks,
@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
     parser.add_argument("--prompt-format", choices=("raw", "chat"), default="raw",
                         help="raw: continue the prompt; chat: the tokenizer's chat template")
+    parser.add_argument("--instruction", default=None,
+                        help="chat format: text before each prompt in the user message ('' for none; default asks "
+                             "for the whole function in a python code block)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
     parser.add_argument("--workers", type=int, default=2, help="samples executed in parallel (default 2)")
@@ -77,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--n must be >= 1, got {n}")
     ks = parse_ks(args.k, n)
     sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.batch_size, args.prompt_format,
-                        args.seed)
+                        args.seed, CHAT_INSTRUCTION if args.instruction is None else args.instruction)
     sampling.validate()
     bench, problems = load_benchmark(args.benchmark)
     if args.limit is not None:

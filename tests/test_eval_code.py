@@ -16,7 +16,7 @@ from mftcoder_coba.cli import main as cli
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.eval_code_cmd import parse_ks
-from mftcoder_coba.evaluation.generation import extract_completion
+from mftcoder_coba.evaluation.generation import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
 from mftcoder_coba.evaluation.problems import load_benchmark, read_problems, truncate_at_stop
 from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_program
 
@@ -123,6 +123,15 @@ def test_stop_sequences_chat_extraction_and_k() -> None:
     assert truncate_at_stop("    x = 1  # fine\n    return x\n# end") == "    x = 1  # fine\n    return x"
     reply = "Here:\n```python\ndef f(x):\n    return x * 2\n```\nDone."
     assert extract_completion(reply, "chat") == "\ndef f(x):\n    return x * 2\n"
+    from transformers import AutoTokenizer
+
+    from mftcoder_coba.demo_data import TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    bare = render_prompt(tokenizer, "def f(x):\n", Sampling(prompt_format="chat", instruction=""))
+    assert bare == "<|im_start|>user\ndef f(x):\n<|im_end|>\n<|im_start|>assistant\n"
+    assert CHAT_INSTRUCTION in render_prompt(tokenizer, "def f(x):\n", Sampling(prompt_format="chat"))
+    assert render_prompt(tokenizer, "def f(x):\n", Sampling()) == "def f(x):\n"
     assert parse_ks(None, 10) == [1, 10] and parse_ks("10,1", 10) == [1, 10]
     for text in ("1,20", "0", "a"):
         with pytest.raises(UserError, match="--k"):

@@ -132,6 +132,13 @@ def test_full_and_lora_runs_match_plain_transformers(runs: dict[str, Path], prep
     adapter_on_base = run_eval(tmp_path, str(base_dir), "--adapter", str(model_dir_of(runs["lora"])),
                                "--data", str(prepared / "valid"))
     assert_matches(adapter_on_base, expected)
+    with pytest.raises(UserError, match="give the base as TARGET and this adapter as --adapter"):
+        resolve_target(model_dir_of(runs["lora"]))  # a trainer's adapter does not name a local base
+    config = json.loads((model_dir_of(runs["lora"]) / "adapter_config.json").read_text())
+    named = tmp_path / "adapter"
+    shutil.copytree(model_dir_of(runs["lora"]), named)
+    (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir)}))
+    assert_matches(run_eval(tmp_path, str(named), "--data", str(prepared / "valid")), expected)
     base_alone = run_eval(tmp_path, str(base_dir), "--data", str(prepared / "valid"))
     assert base_alone["mean_loss"] != pytest.approx(adapter_on_base["mean_loss"], rel=1e-6)
 

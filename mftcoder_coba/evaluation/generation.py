@@ -43,6 +43,9 @@ class Sampling:
     """``raw`` (continue the code) or ``chat`` (the tokenizer's chat template)."""
     seed: int = 0
     """Seed of the sampling generator, so a rerun draws the same samples on the same hardware."""
+    instruction: str = CHAT_INSTRUCTION
+    """``chat``: text put before the benchmark prompt in the user message (empty for models fine-tuned on
+    bare prompts as the user turn, like the demo's code_completion task)."""
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -57,13 +60,13 @@ class Sampling:
             raise UserError(f"--prompt-format must be raw or chat, got {self.prompt_format!r}")
 
 
-def render_prompt(tokenizer, prompt: str, prompt_format: str) -> str:
+def render_prompt(tokenizer, prompt: str, sampling: Sampling) -> str:
     """The text the model is given for a benchmark ``prompt``."""
-    if prompt_format == "raw":
+    if sampling.prompt_format == "raw":
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--prompt-format chat: the tokenizer has no chat template; use --prompt-format raw")
-    return tokenizer.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION + prompt}],
+    return tokenizer.apply_chat_template([{"role": "user", "content": sampling.instruction + prompt}],
                                          add_generation_prompt=True, tokenize=False)
 
 
@@ -91,7 +94,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], sampling: Sampling
         raise UserError("the tokenizer has neither a pad nor an end-of-sequence token; generation needs one")
     tokenizer.padding_side = "left"  # the newest tokens of every row line up at the right for the cache
     torch.manual_seed(sampling.seed)  # generate samples from the global generator
-    texts = [render_prompt(tokenizer, p, sampling.prompt_format) for p in prompts]
+    texts = [render_prompt(tokenizer, p, sampling) for p in prompts]
     options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
                "use_cache": True, "do_sample": sampling.temperature > 0}
     if sampling.temperature > 0:
