@@ -218,11 +218,11 @@ def _watch_parent(parent: int, interval: float = 0.5) -> None:
 Outcome = tuple[str, Any, Any, int]
 
 
-Work = tuple[str, int, int, Raw]
-"""One record to process: ``(source label, line, column, raw record)``."""
+Record = tuple[str, int, int, Raw]
+"""One record on its way to :func:`_process`: ``(source label, line, column, raw)``."""
 
 
-def _process(batch: list[Work]) -> list[Outcome]:
+def _process(batch: list[Record]) -> list[Outcome]:
     """Render, tokenise and length-check one batch of records; never raises for bad data.
 
     Lengths, truncation and loss-token counts are computed for the whole batch at once on the flat
@@ -300,9 +300,9 @@ def _held_out(name: str, records: int, opts: PrepOptions) -> np.ndarray:
     return mask
 
 
-def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, Work]]:
-    """``(task id, record index, work)``: tasks merged in proportion to their sizes, deterministically."""
-    def records(task: _Task) -> Iterator[Work]:
+def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, Record]]:
+    """``(task id, record index, record)``: tasks merged in proportion to their sizes, deterministically."""
+    def records(task: _Task) -> Iterator[Record]:
         for source in task.sources:
             label = source.label
             for line, column, raw in iter_raw(source):
@@ -329,11 +329,11 @@ def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, Work]]:
                 raise UserError(f"task '{tasks[tid].name}': its files changed while being read (more records)")
 
 
-def _batches(stream: Iterator[tuple[int, int, Work]], tasks: list[_Task], size: int
-             ) -> Iterator[tuple[list[tuple[int, bool]], list[Work]]]:
+def _batches(stream: Iterator[tuple[int, int, Record]], tasks: list[_Task], size: int
+             ) -> Iterator[tuple[list[tuple[int, bool]], list[Record]]]:
     held_out = [set(np.flatnonzero(t.valid).tolist()) for t in tasks]
     meta: list[tuple[int, bool]] = []
-    work: list[Work] = []
+    work: list[Record] = []
     for tid, index, item in stream:
         meta.append((tid, index in held_out[tid]))
         work.append(item)
