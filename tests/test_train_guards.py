@@ -1,6 +1,6 @@
 """What ``train`` refuses before it starts and what stops it: damaged shards (checksums, with the verified-state
 cache), out-of-range ids, a manifest pointing at a foreign tokenizer folder, a balancer that cannot measure a
-task, non-finite losses/gradients/weights (stop or skip, ZeRO-0 and ZeRO-2), a second run on the same run
+task, non-finite losses/gradients/weights (stop or skip; ZeRO 0-3, fp32 and bf16), a second run on the same run
 directory, and the CPU thread count."""
 from __future__ import annotations
 
@@ -213,12 +213,15 @@ def test_non_finite_step_stops_the_run_without_a_checkpoint(data: Path, tmp_path
     assert isinstance(caught.value, UserError) and "\n" not in message
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize(("stage", "dtype"), [(0, "fp32"), (2, "fp32"), (0, "bf16"), (1, "bf16")])
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_skipped_step_changes_no_weight_and_holds_the_schedule(data: Path, tmp_path: Path, poison, stage: int,
-                                                               kind: str) -> None:
+                                                               dtype: str, kind: str) -> None:
+    """Skipped by the trainer (ZeRO-0 fp32, or a non-finite loss) or by DeepSpeed's own check of the norm
+    (ZeRO 1-3, bf16 at ZeRO-0): either way no weight, optimizer or LR-schedule step happens."""
     poison(kind, {2})
-    cfg = _config(data, tmp_path / "run", optim={"lr": 3e-3, "warmup_steps": 0, "schedule": "cosine"},
+    cfg = _config(data, tmp_path / "run", model={"dtype": dtype},
+                  optim={"lr": 3e-3, "warmup_steps": 0, "schedule": "cosine"},
                   train={"max_steps": 4, "save_every": 1, "keep_last": 4, "zero_stage": stage,
                          "nonfinite": "skip"})
     run_dir = train(cfg)
