@@ -3,8 +3,10 @@
 TARGET: a run directory (newest checkpoint, or ``--checkpoint``), an export (CGC-LoRA "1+N": each task with
 its adapter), a transformers model directory (``--adapter`` LoRA on top, ``--task-adapter TASK=DIR`` per
 task) or a peft adapter directory. SPLIT: a prepared split (``OUT/valid``, ``OUT/train`` or a test split
-prepared the same way). Prints a table; ``--out FILE.json`` writes the numbers (atomically). Runs on one
-device; see :mod:`mftcoder_coba.evaluation.loss` for the library function.
+prepared the same way). Prints a table; ``--out FILE.json`` writes the numbers (atomically). Under a launcher
+(``torchrun --nproc_per_node N -m mftcoder_coba eval ...``) every rank holds the whole model and scores every
+N-th row; the sums are all-reduced and rank 0 prints and writes. See :mod:`mftcoder_coba.evaluation.loss`
+for the library function.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.loss import evaluate_target
 from mftcoder_coba.evaluation.targets import DTYPES, load_model, pick_device, resolve_target
+from mftcoder_coba.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +72,22 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--task-adapter: {', '.join(unknown)} not among the tasks of {args.data}: {dataset.tasks}")
     target = resolve_target(args.target, checkpoint=args.checkpoint, adapter=args.adapter, task_adapters=task_adapters)
-    model = load_model(target, dtype=args.dtype, device=pick_device(args.device))
+    world = distributed.init() if distributed.world_from_env().size > 1 else None
+    device = world.device if world is not None else pick_device(args.device)
+    model = load_model(target, dtype=args.dtype, device=device)
     start = time.monotonic()
     losses = evaluate_target(model, target, dataset, micro_batch_size=args.batch_size, impl=args.impl)
-    result = {"target": target.describe(), "data": str(args.data), "rows": len(dataset), **losses.to_json(),
+    result = {"target": target.describe(), "data": str(args.data), "rows": len(dataset),
+              "world_size": 1 if world is None else world.size, **losses.to_json(),
               "seconds": round(time.monotonic() - start, 3)}
-    print(format_table(result))
-    if args.out is not None:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", args.out)
+    if world is None or world.is_main:
+        print(format_table(result))
+        if args.out is not None:
+            atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+            log.info("wrote %s", args.out)
+    if world is not None:
+        distributed.barrier(world)  # no rank tears the group down while another still uses it
+        torch.distributed.destroy_process_group()
     return 0
 
 

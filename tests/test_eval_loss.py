@@ -183,3 +183,25 @@ def test_user_errors_are_one_line(prepared: Path, tmp_path: Path, capsys: pytest
         assert len(errors) == 1 and errors[0].startswith("mftcoder-coba: error: ") and message in errors[0], args
     with pytest.raises(UserError, match="not a run directory, an export or a transformers model"):
         resolve_target(tmp_path)
+
+
+@pytest.mark.distributed
+def test_two_ranks_under_torchrun_give_the_single_process_numbers(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+    import subprocess
+
+    from train_fixtures import REPO, cpu_env
+
+    valid = PackedDataset(prepared / "valid")
+    model_dir = tiny_model_dir(tmp_path / "model", valid.vocab_size)
+    single = run_eval(tmp_path, str(model_dir), "--data", str(prepared / "valid"))
+    out = tmp_path / "two.json"
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "mftcoder_coba", "eval",
+                           str(model_dir), "--data", str(prepared / "valid"), "--batch-size", "2", "--out", str(out)],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("mean over tasks") == 1  # only rank 0 prints
+    two = json.loads(out.read_text())
+    assert two["world_size"] == 2 and single["world_size"] == 1
+    for task, row in single["tasks"].items():
+        assert two["tasks"][task]["tokens"] == row["tokens"]
+        assert two["tasks"][task]["loss"] == pytest.approx(row["loss"], rel=1e-6)
