@@ -233,7 +233,11 @@ def test_new_option_errors_name_their_field(shards, tmp_path) -> None:
     assert "contributors[0].weight" in error_of(fusion_data(shards, tmp_path / "run", fusion_weights="given"))
     data = fusion_data(shards, tmp_path / "run", contributor_selection="best_valid")
     assert "contributor_selection" in error_of(data) and "save_every" in error_of(data)
+    data["template"]["train"].update(save_every=2, keep_last=1)
+    data["template"]["balancer"]["update_interval"] = 2
+    assert "max_steps (3) a multiple of balancer.update_interval (2)" in error_of(data)
     data["template"]["train"].update(save_every=1, keep_last=1)
+    data["template"]["balancer"]["update_interval"] = 1
     assert "keep_last >= 3" in error_of(data)
     data["template"]["train"]["keep_last"] = 3
     assert "balancer.held_out" in error_of(data)

@@ -259,6 +259,9 @@ def _check_selection(run: Any, field_name: str) -> None:
     check(t.save_every > 0 and t.save_every % b.update_interval == 0, field_name,
           f"'best_valid' needs train.save_every a positive multiple of balancer.update_interval "
           f"({b.update_interval}), got {t.save_every}")
+    check(not t.save_final or t.max_steps % b.update_interval == 0, field_name,
+          f"'best_valid' needs train.max_steps ({t.max_steps}) a multiple of balancer.update_interval "
+          f"({b.update_interval}): the final checkpoint needs a held-out measurement too")
     saves = -(-t.max_steps // t.save_every)
     check(t.keep_last >= saves, field_name,
           f"'best_valid' needs train.keep_last >= {saves} (every checkpoint of {t.max_steps} steps kept), "

@@ -556,7 +556,7 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
 
 def _is_export(path: Path) -> bool:
     """An export made before output markers existed: its ``export.json`` beside ``base/``."""
-    return (path / "export.json").is_file() and (path / "base").is_dir()
+    return (path / "export.json").is_file() and (path / "base" / "config.json").is_file()
 
 
 def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequence[str] | None = None,
