@@ -205,3 +205,27 @@ def test_two_ranks_under_torchrun_give_the_single_process_numbers(prepared: Path
     for task, row in single["tasks"].items():
         assert two["tasks"][task]["tokens"] == row["tokens"]
         assert two["tasks"][task]["loss"] == pytest.approx(row["loss"], rel=1e-6)
+
+
+def test_cgc_lora_generation_per_task_matches_the_export(runs: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """eval-code on a CGC-LoRA run gates every generated token with --task; greedy completions equal those of
+    the 1+N export with that task's adapter."""
+    from mftcoder_coba.export_cmd import export_run
+
+    export = export_run(runs["cgc_lora"], tmp_path / "export")
+    common = ["--limit", "2", "--n", "1", "--temperature", "0", "--max-new-tokens", "12"]
+    completions = {}
+    for name, target in (("run", runs["cgc_lora"]), ("export", export)):
+        for task in ("code_completion", "unit_tests"):
+            out = tmp_path / f"{name}-{task}.json"
+            assert cli(["eval-code", str(target), "--task", task, *common, "--out", str(out)]) == 0
+            samples = (tmp_path / f"{name}-{task}.samples.jsonl").read_text().splitlines()
+            completions[name, task] = [json.loads(line)["completion"] for line in samples]
+    assert completions["run", "code_completion"] != completions["run", "unit_tests"]  # the gates differ per task
+    assert completions["run", "code_completion"] == completions["export", "code_completion"]
+    assert completions["run", "unit_tests"] == completions["export", "unit_tests"]
+    capsys.readouterr()
+    for target in (runs["cgc_lora"], export):
+        assert cli(["eval-code", str(target), *common]) == 2
+        assert "choose one with --task" in capsys.readouterr().err
