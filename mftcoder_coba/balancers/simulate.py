@@ -14,11 +14,22 @@ objective ``sum_k w_k L_k / sum_k w_k`` (mean squared error per task, 32 trainin
 - ``small``: a linear target with only 48 rows and noise 0.7 — fits its noise and overfits.
 
 Every balancer sees the same data, initialisation and batch order, and is fed what its :class:`Needs`
-ask for: held-out losses on a fresh validation sample every ``update_interval`` steps (CoBa, LBTW on
+ask for: held-out losses on a validation sample every ``update_interval`` steps (CoBa, LBTW on
 ``valid``), the step's per-task training losses, the same batch re-evaluated after the step (FAMO) and the
 per-task gradient norms at the trunk's last layer (GradNorm). Reported losses come from a separate test
 set, so no balancer is scored on the rows it looked at. The targets have unit variance, so the losses of
 the tasks are on one scale and the noise floors are ``noise ** 2``.
+
+Held-out observations, as the trainer's ``balancer.held_out`` takes them: ``rotate`` draws a fresh sample of
+``valid_rows`` rows per task at every update, ``fixed`` draws one sample once and measures it at every
+update, ``all`` measures the whole validation pool; L(0) comes from the same rows as the updates (the whole
+pool for ``rotate``, whose samples it averages). Observation noise (``obs_noise``) gives every validation
+row a fixed difficulty offset, as real held-out rows differ in difficulty: a sample's measured loss is its
+loss times ``exp(mean offset of its rows)``, scaled so that the log-offset of a ``valid_rows``-row sample has
+standard deviation ``obs_noise`` (0.05: about 5 %). Under ``rotate`` every observation gets an independent
+offset; under ``fixed`` one constant factor per task, which cancels in ``L(s) / L(0)``; under ``all`` a
+constant factor ``sqrt(valid_rows / valid_pool)`` times closer to 1, which cancels too. The table reports
+how far the weights move per update (L1), which noisy slopes inflate.
 """
 from __future__ import annotations
 
@@ -26,7 +37,7 @@ import argparse
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +49,7 @@ from mftcoder_coba.atomic import atomic_file, atomic_write_text
 from mftcoder_coba.balancers.base import BALANCERS, build_balancer
 from mftcoder_coba.balancers.coba import CoBa
 from mftcoder_coba.errors import UserError
+from mftcoder_coba.training.sampling import HELD_OUT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +91,10 @@ class SimulationConfig:
     update_interval: int = 2
     eval_every: int = 5
     seed: int = 0
+    held_out: str = "rotate"
+    """Which validation rows each update measures: ``rotate``, ``fixed`` or ``all`` (module docstring)."""
+    obs_noise: float = 0.05
+    """Standard deviation of the log-offset of one ``valid_rows``-row sample's measured loss (row difficulty)."""
     options: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         # The LLM defaults (N=200, W=100) suit runs of thousands of updates; this run has 400.
         "coba": {"history_length": 100, "warmup_steps": 25, "tau": 5.0},
@@ -94,6 +110,7 @@ class Trace:
     test_losses: np.ndarray  # (E, K)
     weights: np.ndarray  # (E, K), normalised to sum 1 (the objective only sees their ratios)
     divergence: np.ndarray | None  # CoBa's DF, (E,)
+    weight_changes: np.ndarray  # (U,) L1 change of the normalised weights over each update interval
 
 
 class _Split:
@@ -162,6 +179,37 @@ def run_balancer(name: str, cfg: SimulationConfig, problem: Problem | None = Non
         torch.set_num_threads(threads)
 
 
+class _HeldOut:
+    """The validation rows each update measures under ``cfg.held_out``, and the offsets of observation noise."""
+
+    def __init__(self, valid: _Split, cfg: SimulationConfig) -> None:
+        self.valid, self.cfg = valid, cfg
+        self.samples = torch.Generator().manual_seed(cfg.seed + 3)
+        noise = torch.Generator().manual_seed(cfg.seed + 4)
+        self.offsets = cfg.obs_noise * math.sqrt(cfg.valid_rows) * torch.randn(len(valid.y), generator=noise,
+                                                                                dtype=torch.float64)
+        everything = [torch.arange(n) for n in valid.sizes()]
+        self.fixed = everything if cfg.held_out == "all" else self._draw() if cfg.held_out == "fixed" else None
+        self.initial_rows = everything if self.fixed is None else self.fixed
+
+    def _draw(self) -> list[torch.Tensor]:
+        return [torch.randint(0, n, (self.cfg.valid_rows,), generator=self.samples) for n in self.valid.sizes()]
+
+    def losses(self, model: "_SharedTrunk", per_task: list[torch.Tensor]) -> torch.Tensor:
+        """Per-task loss of the rows ``per_task`` (indices within each task), times their difficulty factor."""
+        x, y, task = self.valid.rows(per_task)
+        index = torch.cat([idx + int(self.valid.offsets[k]) for k, idx in enumerate(per_task)])
+        offsets = torch.zeros(model.num_tasks, dtype=torch.float64).index_add(0, task, self.offsets[index])
+        counts = torch.bincount(task, minlength=model.num_tasks)
+        return model.task_losses(x, y, task).double() * torch.exp(offsets / counts)
+
+    def initial(self, model: "_SharedTrunk") -> torch.Tensor:
+        return self.losses(model, self.initial_rows)
+
+    def update(self, model: "_SharedTrunk") -> torch.Tensor:
+        return self.losses(model, self.fixed if self.fixed is not None else self._draw())
+
+
 def _train(name: str, cfg: SimulationConfig, problem: Problem) -> Trace:
     train, valid, test = problem
     num_tasks = len(TASKS)
@@ -172,13 +220,13 @@ def _train(name: str, cfg: SimulationConfig, problem: Problem) -> Trace:
     balancer = build_balancer(name, num_tasks, cfg.options.get(name, {}))
     needs = balancer.needs
     batches = torch.Generator().manual_seed(cfg.seed + 2)
-    samples = torch.Generator().manual_seed(cfg.seed + 3)
-    train_sizes, valid_sizes = train.sizes(), valid.sizes()
-    everything = (valid.x, valid.y, valid.task)
+    held_out = _HeldOut(valid, cfg)
+    train_sizes = train.sizes()
     steps, test_losses, weights, divergence = [], [], [], []
     if needs.validation:
         with torch.no_grad():
-            balancer.observe(0, losses=model.task_losses(*everything))
+            balancer.observe(0, losses=held_out.initial(model))
+    previous, changes = _normalised(balancer.weights()), []
     for step in range(1, cfg.steps + 1):
         w = torch.tensor(balancer.weights(), dtype=torch.float32)
         batch = train.rows([torch.randint(0, n, (min(cfg.batch_rows, n),), generator=batches) for n in train_sizes])
@@ -198,17 +246,23 @@ def _train(name: str, cfg: SimulationConfig, problem: Problem) -> Trace:
             if needs.post_step_losses:
                 balancer.observe_post_step(step, model.task_losses(*batch))
             if needs.validation and step % cfg.update_interval == 0:
-                sample = valid.rows([torch.randint(0, n, (cfg.valid_rows,), generator=samples) for n in valid_sizes])
-                balancer.observe(step, losses=model.task_losses(*sample))
+                balancer.observe(step, losses=held_out.update(model))
+            if step % cfg.update_interval == 0:
+                current = _normalised(balancer.weights())
+                changes.append(float(np.abs(current - previous).sum()))
+                previous = current
             if step % cfg.eval_every == 0:
-                current = balancer.weights()
                 steps.append(step)
-                weights.append(current / current.sum())
+                weights.append(_normalised(balancer.weights()))
                 test_losses.append(model.task_losses(test.x, test.y, test.task).double().numpy())
                 if isinstance(balancer, CoBa):
                     divergence.append(balancer.divergence_factor())
     return Trace(np.array(steps), np.array(test_losses), np.array(weights),
-                 np.array(divergence) if divergence else None)
+                 np.array(divergence) if divergence else None, np.array(changes))
+
+
+def _normalised(weights: np.ndarray) -> np.ndarray:
+    return weights / weights.sum()
 
 
 def summarise(trace: Trace) -> dict[str, Any]:
@@ -222,18 +276,20 @@ def summarise(trace: Trace) -> dict[str, Any]:
         "worst_loss": float(final[worst]),
         "best_heldout": {t.name: float(trace.test_losses[i, k]) for k, (t, i) in enumerate(zip(TASKS, best_index))},
         "best_step": {t.name: int(trace.steps[i]) for t, i in zip(TASKS, best_index)},
+        "weight_change_per_update": float(trace.weight_changes.mean()),
     }
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     names = [t.name for t in TASKS]
     header = (["balancer"] + [f"final {n}" for n in names] + ["worst task"]
-              + [f"best@ {n}" for n in names])
+              + [f"best@ {n}" for n in names] + ["w L1/update"])
     lines = [header]
     for balancer, row in rows.items():
         lines.append([balancer] + [f"{row['final_heldout'][n]:.3f}" for n in names]
                      + [f"{row['worst_task']} {row['worst_loss']:.3f}"]
-                     + [str(row["best_step"][n]) for n in names])
+                     + [str(row["best_step"][n]) for n in names]
+                     + [f"{row['weight_change_per_update']:.4f}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in
                       enumerate(zip(line, widths))) for line in lines]
@@ -274,7 +330,7 @@ def plot(traces: dict[str, Trace], path: Path, cfg: SimulationConfig) -> None:
     knobs = cfg.options["coba"]
     fig.suptitle(f"Synthetic multitask problem, seed {cfg.seed}: fast / slow / small (overfitting) task; CoBa "
                  f"N={knobs['history_length']}, W={knobs['warmup_steps']}, tau={knobs['tau']}, "
-                 f"update every {cfg.update_interval} steps")
+                 f"update every {cfg.update_interval} steps, observation noise {cfg.obs_noise:g}")
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
@@ -288,6 +344,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=SimulationConfig.seed, help="data, initialisation and batches")
     parser.add_argument("--balancers", default=",".join(BALANCERS),
                         help="comma-separated balancer names (default: all)")
+    parser.add_argument("--held-out", default=",".join(HELD_OUT_MODES),
+                        help="comma-separated held-out modes (rotate, fixed, all) to run each balancer that reads "
+                             "held-out loss (CoBa) with, labelled NAME/MODE (default: %(default)s)")
+    parser.add_argument("--obs-noise", type=float, default=SimulationConfig.obs_noise,
+                        help="observation noise: standard deviation of a held-out sample's log-loss offset from "
+                             "its rows' difficulty (default: %(default)s; 0 leaves only sampling noise)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -300,19 +362,30 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--steps: must be >= 50, got {args.steps}")
     if args.out.suffix.lower() != ".png":
         raise UserError(f"--out: expected a .png path, got {args.out}")
-    cfg = SimulationConfig(steps=args.steps, seed=args.seed)
+    modes = [m.strip() for m in args.held_out.split(",") if m.strip()]
+    if not modes or any(m not in HELD_OUT_MODES for m in modes):
+        raise UserError(f"--held-out: expected a comma-separated subset of {', '.join(HELD_OUT_MODES)}, "
+                        f"got {args.held_out!r}")
+    if not (math.isfinite(args.obs_noise) and args.obs_noise >= 0):
+        raise UserError(f"--obs-noise: must be a finite number >= 0, got {args.obs_noise}")
+    cfg = SimulationConfig(steps=args.steps, seed=args.seed, obs_noise=args.obs_noise)
     knobs = cfg.options["coba"]
     print(f"CoBa knobs chosen for this {cfg.steps}-step problem: history_length={knobs['history_length']}, "
           f"warmup_steps={knobs['warmup_steps']}, tau={knobs['tau']}, update_interval={cfg.update_interval}, "
-          f"valid_rows_per_task={cfg.valid_rows} (the LLM defaults N=200, W=100 suit thousands of updates).")
+          f"valid_rows_per_task={cfg.valid_rows} (the LLM defaults N=200, W=100 suit thousands of updates); "
+          f"observation noise {cfg.obs_noise:g}.")
     problem = make_problem(cfg)
     traces: dict[str, Trace] = {}
     for name in names:
-        log.info("simulate: running %s", name)
-        traces[name] = run_balancer(name, cfg, problem)
-    rows = {name: summarise(trace) for name, trace in traces.items()}
+        reads_held_out = build_balancer(name, len(TASKS), cfg.options.get(name, {})).needs.validation
+        for mode in modes if reads_held_out else [None]:
+            label = f"{name}/{mode}" if mode else name
+            log.info("simulate: running %s", label)
+            traces[label] = run_balancer(name, replace(cfg, held_out=mode) if mode else cfg, problem)
+    rows = {label: summarise(trace) for label, trace in traces.items()}
     print(f"Held-out (test) MSE per task after {cfg.steps} steps; noise floors "
-          + ", ".join(f"{t.name} {t.noise ** 2:.2f}" for t in TASKS) + "; best@ = step of the task's lowest loss")
+          + ", ".join(f"{t.name} {t.noise ** 2:.2f}" for t in TASKS) + "; best@ = step of the task's lowest loss; "
+          "w L1/update = mean L1 change of the weights per update interval; NAME/MODE = balancer.held_out")
     print(format_table(rows))
     json_path = args.json or args.out.with_suffix(".json")
     report = {"config": asdict(cfg), "tasks": [asdict(t) for t in TASKS], "balancers": rows}
