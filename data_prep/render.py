@@ -14,14 +14,22 @@ nothing else: not the system prompt, not the user turns, not the role markers. T
 
 The end marker of an assistant turn is the first special token the template writes after the content
 (``<|im_end|>``, ``<|eot_id|>``, ``</s>``); a template that writes none gets the tokenizer's EOS inserted.
-Text after the last assistant turn is dropped: no target reads it.
+Text after the last assistant turn is dropped: no target reads it. Assistant turns marked context only
+keep their text but get no span.
+
+Conversations with tool calls are rendered exactly per record, each assistant turn's span being what the
+template writes after the generation prompt (tool-call syntax included) up to its end marker; a template
+that ignores tool calls or tool turns (found by probing it once) makes such records bad, naming the record.
+A plain prompt/completion (:class:`Completion`) and a FIM sample are raw text without a template, the
+loss on the completion (the middle) and EOS.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any, Literal
 
-from mftcoder_coba.data_prep.formats import Chat, Text
+from mftcoder_coba.data_prep import fim
+from mftcoder_coba.data_prep.formats import BadRecord, Chat, Completion, Text
 from mftcoder_coba.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -76,12 +84,31 @@ class Renderer:
         self._shapes: dict[tuple[bool, int], list[str] | None] = {}
         self._plans: dict[tuple[bool, int], _Plan | None] = {}
         self._warned_no_marker = False
+        self.fim_tokens = fim.find_tokens(tokenizer)
+        self._tool_support: bool | None = None  # probed on the first conversation with tools
+        self._marker: str | None = None
+        self._marker_probed = False
 
     # -- public -----------------------------------------------------------------------------------------
-    def render(self, sample: Chat | Text) -> tuple[str, list[Span]]:
+    def render(self, sample: Chat | Completion | Text | fim.Fim) -> tuple[str, list[Span]]:
+        if isinstance(sample, Chat):
+            text, spans = self._render_chat(sample)
+            if sample.context_only:
+                spans = [span for k, span in enumerate(spans) if k not in sample.context_only]
+            return text, spans
         if isinstance(sample, Text):
             text = f"{self.bos}{sample.text}{self.eos}"
             return text, [(len(self.bos), len(text))]
+        if isinstance(sample, Completion):
+            text = f"{self.bos}{sample.prompt}{sample.completion}{self.eos}"
+            return text, [(len(self.bos) + len(sample.prompt), len(text))]
+        if self.fim_tokens is None:
+            raise UserError(f"tokenizer '{self.tokenizer.name_or_path}' has no FIM special tokens")
+        return fim.render(sample, self.fim_tokens, self.bos, self.eos)
+
+    def _render_chat(self, sample: Chat) -> tuple[str, list[Span]]:
+        if sample.messages is not None:
+            return self._render_tools(sample)
         if self.mode == "mftcoder":
             return self._render_mftcoder(sample)
         shape = (sample.system is not None, len(sample.turns))
@@ -109,9 +136,9 @@ class Renderer:
         return "".join(parts)[: spans[-1][1]], spans
 
     # -- chat template, fast path -----------------------------------------------------------------------------
-    def _apply(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    def _apply(self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: Any = None) -> str:
         try:
-            return str(self.tokenizer.apply_chat_template(messages, tokenize=False,
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False, tools=tools,
                                                           add_generation_prompt=generation_prompt))
         except Exception as exc:  # noqa: BLE001 - templates raise whatever their author chose
             roles = "/".join(m["role"] for m in messages)
@@ -219,3 +246,59 @@ class Renderer:
             spans.append((start, start + len(core) + loss_len))
             text = through
         return text[: spans[-1][1]], spans
+
+    # -- chat template, conversations with tool calls ---------------------------------------------------------
+    def _supports_tools(self) -> bool:
+        """Whether the template writes tool calls (name and arguments) and tool results into the text."""
+        if self._tool_support is None:
+            name, argument, result = (f"{_OPEN}probe_{what}{_CLOSE}" for what in ("fn", "arg", "result"))
+            call = {"type": "function", "function": {"name": name, "arguments": {argument: 1}}}
+            probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "content": result}, {"role": "assistant", "content": "a"}]
+            try:
+                rendered = str(self.tokenizer.apply_chat_template(probe, tokenize=False))
+            except Exception:  # noqa: BLE001 - a template without tool support fails in its own way
+                rendered = ""
+            self._tool_support = all(part in rendered for part in (name, argument, result))
+        return self._tool_support
+
+    def _render_tools(self, chat: Chat) -> tuple[str, list[Span]]:
+        """Each assistant turn's span: what the template writes after the generation prompt, to its end marker."""
+        if self.mode == "mftcoder" or not self._supports_tools():
+            which = "--template mftcoder has no tool format" if self.mode == "mftcoder" else \
+                f"the chat template of '{self.tokenizer.name_or_path}' does not render tool calls and tool turns"
+            raise BadRecord("tools_unsupported", f"{chat.where}: a conversation with tool calls, but {which}; use "
+                                                 "a tokenizer whose template renders them, or --skip-bad")
+        messages = list(chat.messages or ())
+        tools = list(chat.tools) if chat.tools is not None else None
+        spans: list[Span] = []
+        text = ""
+        for j, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._apply(messages[:j], generation_prompt=True, tools=tools)
+            through = self._apply(messages[: j + 1], tools=tools)
+            if not through.startswith(before) or not before.startswith(text):
+                raise UserError(f"chat template of '{self.tokenizer.name_or_path}' renders earlier turns "
+                                "differently once later turns are added; cannot find the loss of tool calls")
+            reply = through[len(before):]
+            marker = self._turn_marker()
+            if marker is not None and marker in reply:
+                end = reply.rfind(marker) + len(marker)
+            else:  # the template closes turns with no special token: EOS goes after the reply
+                end = len(reply.rstrip()) + len(self.eos)
+                reply = reply.rstrip() + self.eos + reply[len(reply.rstrip()):]
+            spans.append((len(before), len(before) + end))
+            text = before + reply
+        return text[: spans[-1][1]], spans
+
+    def _turn_marker(self) -> str | None:
+        """The special token the template writes after an assistant reply (None when it writes none)."""
+        if not self._marker_probed:
+            self._marker_probed = True
+            content = _sentinel(0)
+            rendered = self._apply([{"role": "user", "content": "q"}, {"role": "assistant", "content": content}])
+            after = rendered[rendered.find(content) + len(content):]
+            end = self._end_marker(after)
+            self._marker = None if end is None else next(t for t in self.specials if after[:end].endswith(t))
+        return self._marker

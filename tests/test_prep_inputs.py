@@ -13,6 +13,7 @@ from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.formats import READERS, BadRecord, Source, count_records, decode, iter_raw
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
+from prep_fixtures import write_table
 
 RECORDS = [{"prompt": f"question {i}", "answer": f"answer {i} " * (i % 4 + 1)} for i in range(40)]
 
@@ -65,15 +66,19 @@ def test_directory_reads_every_format_in_any_case_and_says_what_it_skipped(tmp_p
 
 
 def test_one_table_maps_every_suffix_to_its_reader(tmp_path):
-    assert sorted(READERS) == sorted(f"{s}{c}" for s in (".jsonl", ".json") for c in ("", ".gz", ".bz2"))
+    assert sorted(READERS) == sorted([f"{s}{c}" for s in (".jsonl", ".json") for c in ("", ".gz", ".bz2")]
+                                     + [".parquet", ".arrow"])
     for suffix in READERS:  # the same records through every reader, named in upper case
         path = tmp_path / f"data{suffix.upper()}"
-        data = json.dumps(RECORDS[:3]).encode() if ".json." in suffix + "." else _lines(RECORDS[:3])
-        path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else
-                         bz2.compress(data) if suffix.endswith(".bz2") else data)
+        if suffix in (".parquet", ".arrow"):
+            write_table(path, RECORDS[:3])
+        else:
+            data = json.dumps(RECORDS[:3]).encode() if ".json." in suffix + "." else _lines(RECORDS[:3])
+            path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else
+                             bz2.compress(data) if suffix.endswith(".bz2") else data)
         assert count_records(Source(path)) == 3
-        assert [json.loads(raw) for _, _, raw in iter_raw(Source(path))] == RECORDS[:3]
-    with pytest.raises(UserError, match=r"notes\.txt: task 't': not a record file: expected \.json, \.jsonl"):
+        assert [decode(raw, str(path), line) for line, _, raw in iter_raw(Source(path))] == RECORDS[:3]
+    with pytest.raises(UserError, match=r"notes\.txt: task 't': not a record file: expected \.arrow, \.json, \.jsonl, \.parquet"):
         prepare(_opts({"t": _write(tmp_path / "notes.txt", b"{}")}, tmp_path / "out"))
     with pytest.raises(UserError, match=r"empty: task 't': directory holds no record files .*skipped 1: a\.txt"):
         prepare(_opts({"t": _write(tmp_path / "empty" / "a.txt", b"{}").parent}, tmp_path / "out"))

@@ -1,0 +1,38 @@
+"""Helpers shared by the prep tests: table files, and tokenizers with FIM tokens or a tool-aware template."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mftcoder_coba.demo_data import TOKENIZER_DIR
+
+
+def write_table(path: Path, records: list[dict]) -> None:
+    """Records as a Parquet file or an Arrow IPC file (two rows per row group / batch), by the suffix of
+    ``path`` (any case)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_struct_array(pa.array(records))  # columns of every record, not just the first
+    if path.suffix.lower() == ".parquet":
+        pq.write_table(table, path, row_group_size=2)
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=2)
+
+
+def tokenizer_copy(target: Path, *, fim_tokens: tuple[str, ...] = (), chat_template: str | None = None) -> Path:
+    """A copy of the demo tokenizer with extra special tokens (e.g. a FIM family) and/or another template."""
+    shutil.copytree(TOKENIZER_DIR, target)
+    if fim_tokens:
+        from tokenizers import AddedToken, Tokenizer
+
+        backend = Tokenizer.from_file(str(target / "tokenizer.json"))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in fim_tokens])
+        backend.save(str(target / "tokenizer.json"))
+    if chat_template is not None:
+        config = json.loads((target / "tokenizer_config.json").read_text())
+        config["chat_template"] = chat_template
+        (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
