@@ -22,7 +22,8 @@ from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.loss import evaluate_target
-from mftcoder_coba.evaluation.targets import DTYPES, load_model, pick_device, resolve_target
+from mftcoder_coba.evaluation.cli_options import add_model_arguments
+from mftcoder_coba.evaluation.targets import load_model, pick_device, resolve_target
 from mftcoder_coba.training import distributed
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto",
                         help="per-task loss kernel (auto: Triton on CUDA, PyTorch otherwise)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared with ``eval-code``."""
-    parser.add_argument("--adapter", type=Path, default=None, help="peft LoRA adapter directory applied to TARGET")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="model dtype (auto: the run's or the saved model's)")
-    parser.add_argument("--device", default="auto", help="torch device (auto: cuda if available, else cpu)")
 
 
 def parse_task_adapters(items: list[str]) -> dict[str, Path]:

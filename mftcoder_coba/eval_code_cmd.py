@@ -13,18 +13,18 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mftcoder_coba.atomic import atomic_write_text, is_run_dir
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.eval_cmd import add_model_arguments
-from mftcoder_coba.evaluation.code_eval import (canonical_completions, execute, format_summary, generate_completions,
-                                                records, summarize)
-from mftcoder_coba.evaluation.generation import CHAT_INSTRUCTION, Sampling
+from mftcoder_coba.evaluation.cli_options import add_model_arguments
+from mftcoder_coba.evaluation.code_eval import canonical_completions, execute, format_summary, records, summarize
 from mftcoder_coba.evaluation.problems import HUMANEVAL, Problem, load_benchmark
+from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling
 from mftcoder_coba.evaluation.sandbox import Limits
-from mftcoder_coba.evaluation.targets import (Target, is_cgc, load_model, pick_device, resolve_target, run_tasks,
-                                              use_task)
-from mftcoder_coba.models.persist import CHECKPOINT_NAME
+
+if TYPE_CHECKING:
+    from mftcoder_coba.evaluation.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
     settings["sampling"] = vars(sampling).copy()
     if args.all_checkpoints:
         return _all_checkpoints(args, problems, n, ks, sampling, limits, settings)
+    from mftcoder_coba.evaluation.targets import resolve_target  # torch and transformers: only when generating
+
     target = resolve_target(args.target, checkpoint=args.checkpoint, adapter=args.adapter)
     summary, results = _evaluate(target, args, problems, n, ks, sampling, limits, settings)
     _report(summary, results, args.out, _samples_path(args))
@@ -125,6 +127,9 @@ def _evaluate(target: Target, args: argparse.Namespace, problems: list[Problem],
               sampling: Sampling, limits: Limits, settings: dict) -> tuple[dict, list]:
     from transformers import AutoTokenizer
 
+    from mftcoder_coba.evaluation.generation import generate_completions
+    from mftcoder_coba.evaluation.targets import load_model, pick_device
+
     if target.tokenizer is None:
         raise UserError(f"{target.path}: no tokenizer found beside the model")
     tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer), local_files_only=True)
@@ -141,6 +146,8 @@ def _evaluate(target: Target, args: argparse.Namespace, problems: list[Problem],
 
 def _select_task(model, target: Target, task: str | None) -> int | None:
     """Point a per-task model at ``--task``; the task id for a CGC-LoRA run's gates (None otherwise)."""
+    from mftcoder_coba.evaluation.targets import is_cgc, run_tasks, use_task
+
     if target.task_adapters:
         if task not in target.task_adapters:
             raise UserError(f"{target.path}: one adapter per task; choose one with --task "
@@ -189,6 +196,9 @@ def _report(summary: dict, results: list, out: Path | None, samples: Path | None
 
 def _all_checkpoints(args: argparse.Namespace, problems: list[Problem], n: int, ks: list[int], sampling: Sampling,
                      limits: Limits, settings: dict) -> int:
+    from mftcoder_coba.evaluation.targets import resolve_target
+    from mftcoder_coba.models.persist import CHECKPOINT_NAME
+
     run_dir = args.target
     if not is_run_dir(run_dir):
         raise UserError(f"--all-checkpoints: {run_dir} is not a run directory")

@@ -16,7 +16,7 @@ from mftcoder_coba.cli import main as cli
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.eval_code_cmd import parse_ks
-from mftcoder_coba.evaluation.generation import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
+from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
 from mftcoder_coba.evaluation.problems import load_benchmark, read_problems, truncate_at_stop
 from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_program
 

@@ -1,25 +1,18 @@
 """Scoring completions: every (problem, sample) program runs in the sandbox; pass@k per problem, averaged.
 
-Completions come from :func:`mftcoder_coba.evaluation.generation.generate` or, for ``--self-check``, from
+Completions come from :func:`mftcoder_coba.evaluation.generation.generate_completions` or, for ``--self-check``, from
 the benchmark's own canonical solutions (which must all pass: that checks the harness, not a model).
 """
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
 from collections.abc import Callable, Sequence
-
-from torch import nn
+from dataclasses import asdict, dataclass
 
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.evaluation.generation import Sampling, generate
 from mftcoder_coba.evaluation.passk import mean_pass_at_k
 from mftcoder_coba.evaluation.problems import Problem
 from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_programs
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class SampleResult:
@@ -43,22 +36,6 @@ def canonical_completions(problems: Sequence[Problem]) -> list[list[str]]:
         raise UserError(f"--self-check: no canonical_solution for {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}")
     return [[p.canonical_solution] for p in problems]
-
-
-def generate_completions(model: nn.Module, tokenizer, problems: Sequence[Problem], n: int, sampling: Sampling, *,
-                         task_id: int | None = None) -> list[list[str]]:
-    """``n`` completions per problem. Greedy decoding (temperature 0) generates one and repeats it."""
-    draws = 1 if sampling.temperature == 0 else n
-    if draws < n:
-        log.info("temperature 0 is greedy: one completion per problem, counted %d times", n)
-    prompts = [p.prompt for p in problems for _ in range(draws)]
-    total = len(prompts)
-
-    def report(done: int) -> None:
-        log.info("generated %d/%d completions", done, total)
-
-    flat = generate(model, tokenizer, prompts, sampling, task_id=task_id, progress=report)
-    return [flat[i * draws:(i + 1) * draws] * (n // draws) for i in range(len(problems))]
 
 
 def execute(problems: Sequence[Problem], completions: Sequence[Sequence[str]], limits: Limits, workers: int,

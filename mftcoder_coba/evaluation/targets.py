@@ -22,6 +22,7 @@ from torch import nn
 
 from mftcoder_coba.atomic import is_run_dir
 from mftcoder_coba.errors import UserError
+from mftcoder_coba.evaluation.cli_options import DTYPE_NAMES
 from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.attention import FLASH, flash_attn_available, resolve_attn_implementation
 from mftcoder_coba.models.cgc_lora import cgc_layers
@@ -29,7 +30,7 @@ from mftcoder_coba.models.persist import CHECKPOINT_NAME, model_dir_of
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 @dataclass(frozen=True)
