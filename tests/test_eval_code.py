@@ -167,3 +167,13 @@ def test_all_checkpoints_of_a_run(prepared: Path, tmp_path: Path) -> None:  # no
     assert sorted(p.name for p in (run / "eval_code").iterdir()) == [
         "humaneval-step-00000001.samples.jsonl", "humaneval-step-00000002.samples.jsonl"]
     assert not [p for p in os.listdir(run) if ".tmp-" in p]  # no staging leftovers
+
+
+def test_the_command_module_does_not_import_torch() -> None:
+    """Option errors and --self-check answer without loading a model library (seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = "import sys, mftcoder_coba.eval_code_cmd; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
