@@ -120,13 +120,21 @@ class PackedDataset:
         return {"input_ids": input_ids, "labels": labels, "task_ids": rec["task_ids"].astype(np.int64),
                 "position_ids": rec["position_ids"].astype(np.int64)}
 
+    def check_shard_ids(self, shard: int, block_rows: int = 4096) -> None:
+        """Scan every row of shard ``shard`` with :meth:`_check_ids` (bounded memory): run once per shard when its
+        checksum is verified, so a bad id is refused before training starts, not when its row is first drawn."""
+        start, stop = int(self._starts[shard]), int(self._starts[shard + 1])
+        for lo in range(start, stop, block_rows):
+            hi = min(lo + block_rows, stop)
+            self._check_ids(np.arange(lo, hi, dtype=np.int64), np.asarray(self._shards[shard][lo - start : hi - start]))
+
     def _check_ids(self, idx: np.ndarray, rec: np.ndarray) -> None:
         """Refuse rows whose ids the model cannot index: input ids outside [0, vocab_size), task ids outside
         [-1, num_tasks). One :class:`UserError` naming the shard file and its row.
 
-        Done here, on every gathered batch, rather than once per shard at verification: it is a few vectorised
-        comparisons per token (nothing next to a forward pass), it covers every reader (training, held-out
-        measurement, post-step re-evaluation), and it holds whatever happened to the file after it was
+        Done on every gathered batch as well as once per shard at verification (:meth:`check_shard_ids`): it is a
+        few vectorised comparisons per token (nothing next to a forward pass), it covers every reader (training,
+        held-out measurement, post-step re-evaluation), and it holds whatever happened to the file after it was
         verified or when checksums were regenerated over bad data. Without it an out-of-range id surfaced
         as a raw IndexError (or a device-side assert on GPU) deep inside the embedding."""
         ids, tasks = rec["input_ids"], rec["task_ids"]

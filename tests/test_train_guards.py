@@ -136,6 +136,19 @@ def test_out_of_range_ids_with_valid_checksums_stop_training_naming_shard_and_ro
         train(_config(data, tmp_path / "run"))
 
 
+def test_one_bad_row_is_refused_before_training_even_if_never_drawn(data: Path, tmp_path: Path) -> None:
+    """Verification scans every row once, so a bad id in a row the first steps would not read stops the run
+    before step 1 (naming shard and row), not hours later when the row comes up."""
+    def last_row(rows: np.ndarray) -> None:
+        rows["task_ids"][-1, 0] = 99
+    file = _edit_rows(data / "train", 0, last_row)
+    _reseal(data / "train")
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"{file.name}: row \d+ holds task id 99 outside \[-1, 4\)"):
+        train(_config(data, run))
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
 # --- 3. the tokenizer comes only from the prepared output ------------------------------------------------------
 
 def test_manifest_pointing_at_a_foreign_folder_copies_nothing_of_it(data: Path, tmp_path: Path) -> None:

@@ -63,15 +63,16 @@ def _write(path: Path, split: Path, shards: dict[str, Any]) -> None:
 
 
 def verify_split(dataset: PackedDataset) -> int:
-    """Check every shard of ``dataset`` against its manifest checksum; returns how many were hashed now.
+    """Check every shard of ``dataset`` against its manifest checksum and scan its ids (input ids in the
+    vocabulary, task ids in range); returns how many were checked now (the others were remembered unchanged).
 
-    A mismatch is one :class:`UserError` naming the shard file."""
+    A mismatch or a bad id is one :class:`UserError` naming the shard file (and the row)."""
     split = dataset.path.resolve()
     cache = _cache_file(split)
     known = _read(cache)
     verified: dict[str, Any] = {}
     hashed, hashed_bytes, start = 0, 0, time.perf_counter()
-    for entry in dataset.manifest["shards"]:
+    for index, entry in enumerate(dataset.manifest["shards"]):
         file = split / entry["file"]
         key = str(file)
         try:
@@ -83,6 +84,7 @@ def verify_split(dataset: PackedDataset) -> int:
             if problem:
                 raise UserError(f"{problem}; the split {split} does not match its manifest (run `mftcoder-coba "
                                 "verify` on the prepared folder and prepare the data again)")
+            dataset.check_shard_ids(index)  # the file is in the page cache now: the id scan costs little
             hashed += 1
             hashed_bytes += state["size"] if state else 0
             if state != _state(file, entry["sha256"]):  # changed while being hashed: not remembered
