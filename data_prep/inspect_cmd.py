@@ -3,7 +3,8 @@
 The decoded row shows each packed sample on its own, with the tokens that are loss targets wrapped in
 ``[[`` ``]]``: the quickest way to see that the loss covers the replies and their end marker, nothing else.
 A task without held-out rows is marked ``(!)`` in the valid table and explained under it: training runs
-anyway, but a balancer driven by held-out loss has nothing to measure that task by.
+anyway, but a balancer driven by held-out loss has nothing to measure that task by. Under each table come
+the tasks' ``--mix`` factors (train) and how many samples were written in fill-in-the-middle form.
 """
 from __future__ import annotations
 
@@ -48,6 +49,19 @@ def task_table(manifest: dict) -> str:
                      for r in rows)
 
 
+def mix_and_fim_lines(manifest: dict) -> list[str]:
+    """One line per task with --mix (training samples per unique record) and per task with --fim."""
+    lines = [f"mix: task '{name}' x{m['factor']:g}: {m['records']} training records -> {m['samples']} samples"
+             for name, m in manifest.get("mix", {}).items()]
+    fim = manifest.get("fim")
+    if fim:
+        tokens = "/".join(fim["tokens"][k] for k in ("prefix", "suffix", "middle"))
+        for name, f in fim["tasks"].items():
+            lines.append(f"fim: task '{name}' rate {f['rate']:g} (SPM {f['spm_rate']:g}): {f['psm']} PSM + "
+                         f"{f['spm']} SPM samples with {tokens}; loss on the middle and EOS")
+    return lines
+
+
 def print_tables(out: Path) -> None:
     for split in ("train", "valid"):
         manifest = manifest_io.load(out / split)
@@ -56,6 +70,8 @@ def print_tables(out: Path) -> None:
         print(task_table(manifest))
         for name in held_out_gaps(manifest):
             print(f"{GAP_MARK} task '{name}': {NO_HELD_OUT}")
+        for line in mix_and_fim_lines(manifest):
+            print(line)
         print()
 
 

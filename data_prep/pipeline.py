@@ -32,21 +32,24 @@ import threading
 import time
 import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
 from mftcoder_coba.atomic import OUTPUT_MARKER, check_replaceable, make_temp_dir, mark_output, publish, remove_stale
+from mftcoder_coba.data_prep import fim
 from mftcoder_coba.data_prep import manifest as manifest_io
-from mftcoder_coba.data_prep.formats import BadRecord, Raw, Source, count_records, decode, iter_raw, normalise, \
-    place, resolve_sources
+from mftcoder_coba.data_prep.formats import BadRecord, Raw, Source, count_records, decode, is_hub, iter_raw, \
+    normalise, place, resolve_sources
+from mftcoder_coba.data_prep.mix import MixPlan, plan_mix
 from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
 from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes
 from mftcoder_coba.data_prep.tokens import Encoder, encode_threads, load_tokenizer, quiet_worker_threads, \
     serial_encode_calls, tokenizer_files_sha256
+from mftcoder_coba.data_prep.truncate import left_cut
 from mftcoder_coba.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,8 +74,9 @@ class PrepOptions:
     """Everything ``prepare`` needs; the CLI flags of ``mftcoder-coba prep`` map one to one onto these."""
 
     tasks: Mapping[str, str | Path] | Sequence[tuple[str, str | Path]]
-    """Task name -> input path (a record file: .jsonl or .json, optionally .gz or .bz2, any case; a directory
-    searched for them; or a datasets save_to_disk directory); task ids follow this order."""
+    """Task name -> input path (a record file: .jsonl or .json, optionally .gz or .bz2, .parquet or .arrow, any
+    case; a directory searched for them; a datasets save_to_disk directory; or hf:ORG/DATASET[:CONFIG][@SPLIT]
+    from the Hugging Face Hub or its local cache); task ids follow this order."""
     tokenizer: str | Path
     """Local Hugging Face tokenizer directory (loaded offline)."""
     seq_len: int
@@ -86,12 +90,20 @@ class PrepOptions:
     """Exact number of records held out per task (instead of valid_fraction)."""
     seed: int = 1234
     """Seed of the held-out choice."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """What happens to a sample longer than seq_len; both are counted in the manifest."""
+    overlong: Literal["truncate", "truncate-left", "drop"] = "truncate"
+    """What happens to a sample longer than seq_len: truncate cuts its end, truncate-left keeps the answer and
+    cuts the oldest context (earlier turns whole first, then the start of the prompt), drop drops it; every
+    one is counted in the manifest."""
     template: TemplateChoice = "auto"
     """auto: the tokenizer's chat template if it has one, else MFTCoder role markers."""
     skip_bad: bool = False
     """Skip bad records (counted by reason in the manifest) instead of stopping at the first."""
+    fim: Mapping[str, fim.FimRate] = field(default_factory=dict)
+    """Task name -> share of its samples rewritten into fill-in-the-middle form (and the share of those in SPM
+    order), with the tokenizer's FIM tokens; held-out samples too, so validation measures the same mix."""
+    mix: Mapping[str, float] = field(default_factory=dict)
+    """Task name -> how many times each of its training samples is used (2: twice; 0.5: a seeded half; 1.5:
+    once, and a seeded half again); held-out samples are chosen first, from the unique records, once each."""
     workers: int = 1
     """Processes that render and tokenise; 1 works in this process, one thread per core."""
     overwrite: bool = False
@@ -115,8 +127,20 @@ class PrepOptions:
             raise bad("--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
         if self.valid_samples_per_task is not None and self.valid_samples_per_task < 0:
             raise bad("--valid-samples-per-task", f"must be >= 0, got {self.valid_samples_per_task}")
-        if self.overlong not in ("truncate", "drop"):
-            raise bad("--overlong", f"must be truncate or drop, got {self.overlong!r}")
+        if self.overlong not in ("truncate", "truncate-left", "drop"):
+            raise bad("--overlong", f"must be truncate, truncate-left or drop, got {self.overlong!r}")
+        names = {name for name, _ in self.task_list()}
+        for flag, given in (("--fim", self.fim), ("--mix", self.mix)):
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise bad(flag, f"no task named {', '.join(map(repr, unknown))} (tasks: {', '.join(sorted(names))})")
+        for name, rate in self.fim.items():
+            if not isinstance(rate, fim.FimRate):
+                raise bad("--fim", f"task '{name}': expected a FimRate(rate, spm_rate), got {rate!r}")
+            rate.validate(name)
+        for name, factor in self.mix.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+                raise bad("--mix", f"task '{name}': FACTOR must be a number > 0, got {factor!r}")
         if self.template not in ("auto", "chat", "mftcoder"):
             raise bad("--template", f"must be auto, chat or mftcoder, got {self.template!r}")
         if self.workers < 1:
@@ -148,6 +172,10 @@ class PrepOptions:
             value = getattr(self, f.name)
             if f.name == "tasks":
                 value = {name: str(path) for name, path in self.task_list()}
+            elif f.name == "fim":
+                value = {name: asdict(rate) for name, rate in self.fim.items()}
+            elif f.name == "mix":
+                value = {name: float(factor) for name, factor in self.mix.items()}
             args[f.name] = str(value) if isinstance(value, Path) else value
         return args
 
@@ -218,8 +246,10 @@ def _watch_parent(parent: int, interval: float = 0.5) -> None:
 Outcome = tuple[str, Any, Any, int]
 
 
-Record = tuple[str, int, int, Raw]
-"""One record on its way to :func:`_process`: ``(source label, line, column, raw)``."""
+Exposure = tuple[int, int, tuple[str, int, int, Raw]]
+"""A record as a task's stream yields it: ``(record index, copy, (source label, line, column, raw))``."""
+Record = tuple[str, int, int, Raw, "fim.Directive | None"]
+"""One record on its way to :func:`_process`: ``(source label, line, column, raw, FIM form or None)``."""
 
 
 def _process(batch: list[Record]) -> list[Outcome]:
@@ -234,10 +264,10 @@ def _process(batch: list[Record]) -> list[Outcome]:
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
     slots: list[int] = []
-    for i, (label, line, column, raw) in enumerate(batch):
+    for i, (label, line, column, raw, how) in enumerate(batch):
         try:
-            text, sample_spans = renderer.render(normalise(decode(raw, label, line, column),
-                                                           place(label, line, column)))
+            sample = normalise(decode(raw, label, line, column), place(label, line, column))
+            text, sample_spans = renderer.render(sample if how is None else fim.rewrite(sample, how))
         except BadRecord as exc:
             outcomes[i] = ("bad", exc.reason, str(exc), 0)
             continue
@@ -259,6 +289,9 @@ def _process(batch: list[Record]) -> list[Outcome]:
                 outcomes[i] = ("dropped", "overlong", None, 0)
                 continue
             status = "truncated"
+            if work.overlong == "truncate-left":  # the window moves to the sample's end, on a turn boundary
+                start += left_cut(encoded.mask[start:start + n], keep)
+                loss = int(running[start + keep] - running[start + 1])
         if not loss:
             outcomes[i] = ("dropped", "no_loss_after_truncation" if status == "truncated" else "no_loss_tokens",
                            None, 0)
@@ -277,6 +310,8 @@ class _Task:
     sources: list[Source]
     counts: list[int]
     valid: np.ndarray  # bool per record index
+    mix: MixPlan
+    fim: fim.FimRate | None
 
     @property
     def records(self) -> int:
@@ -300,16 +335,28 @@ def _held_out(name: str, records: int, opts: PrepOptions) -> np.ndarray:
     return mask
 
 
-def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, Record]]:
-    """``(task id, record index, record)``: tasks merged in proportion to their sizes, deterministically."""
-    def records(task: _Task) -> Iterator[Record]:
+def _exposures(task: _Task) -> Iterator[Exposure]:
+    """The task's records as the mix takes them: pass by pass over its inputs (one pass without --mix)."""
+    plan = task.mix
+    for copy in range(plan.passes):
+        index = 0
         for source in task.sources:
             label = source.label
             for line, column, raw in iter_raw(source):
-                yield label, line, column, raw
+                if index == task.records:
+                    raise UserError(f"task '{task.name}': its files changed while being read (more records)")
+                if plan.plain or plan.takes(index, copy):
+                    yield index, copy, (label, line, column, raw)
+                index += 1
+        if index != task.records:
+            raise UserError(f"task '{task.name}': its files changed while being read (fewer records)")
 
-    streams = [records(t) for t in tasks]
-    sizes = [t.records for t in tasks]
+
+def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, Exposure]]:
+    """``(task id, (record index, copy, record))``: tasks' exposures merged in proportion to their numbers,
+    deterministically."""
+    streams = [_exposures(t) for t in tasks]
+    sizes = [t.mix.exposures for t in tasks]
     heap = [(0.5 / n, tid) for tid, n in enumerate(sizes) if n]
     heapq.heapify(heap)
     taken = [0] * len(tasks)
@@ -318,25 +365,27 @@ def _interleave(tasks: list[_Task]) -> Iterator[tuple[int, int, Record]]:
         item = next(streams[tid], None)
         if item is None:
             raise UserError(f"task '{tasks[tid].name}': its files changed while being read (fewer records)")
-        index = taken[tid]
-        yield tid, index, item
-        taken[tid] = index = index + 1
-        if index < sizes[tid]:
-            heapq.heapreplace(heap, ((index + 0.5) / sizes[tid], tid))
+        yield tid, item
+        taken[tid] = done = taken[tid] + 1
+        if done < sizes[tid]:
+            heapq.heapreplace(heap, ((done + 0.5) / sizes[tid], tid))
         else:
             heapq.heappop(heap)
             if next(streams[tid], None) is not None:
                 raise UserError(f"task '{tasks[tid].name}': its files changed while being read (more records)")
 
 
-def _batches(stream: Iterator[tuple[int, int, Record]], tasks: list[_Task], size: int
-             ) -> Iterator[tuple[list[tuple[int, bool]], list[Record]]]:
+def _batches(stream: Iterator[tuple[int, Exposure]], tasks: list[_Task], size: int, seed: int
+             ) -> Iterator[tuple[list[tuple[int, bool, str | None]], list[Record]]]:
+    """Batches of records for :func:`_process`, with ``(task id, held out, FIM order or None)`` per record."""
     held_out = [set(np.flatnonzero(t.valid).tolist()) for t in tasks]
-    meta: list[tuple[int, bool]] = []
+    meta: list[tuple[int, bool, str | None]] = []
     work: list[Record] = []
-    for tid, index, item in stream:
-        meta.append((tid, index in held_out[tid]))
-        work.append(item)
+    for tid, (index, copy, (label, line, column, raw)) in stream:
+        rate = tasks[tid].fim
+        how = None if rate is None else fim.directive(rate, seed, tasks[tid].name, index, copy)
+        meta.append((tid, index in held_out[tid], None if how is None else "spm" if how[0] else "psm"))
+        work.append((label, line, column, raw, how))
         if len(work) == size:
             yield meta, work
             meta, work = [], []
@@ -410,7 +459,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
 
     def check_out() -> None:
         check_replaceable(out, overwrite=opts.overwrite, kind=OUTPUT_KIND, owned=_made_by_prep,
-                          inputs=[path for _, path in task_list] + [tokenizer_dir])
+                          inputs=[path for _, path in task_list if not is_hub(path)] + [tokenizer_dir])
         foreign = _foreign_entries(out) if out.is_dir() else []
         if foreign:
             raise UserError(f"{out}: holds {_names(foreign)}, which prep did not write and --overwrite would "
@@ -425,6 +474,8 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     vocab_size = len(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tok_files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    fim_tokens = fim.require_tokens(tokenizer, sorted(opts.fim)) if any(r.rate > 0 for r in opts.fim.values()) \
+        else None
 
     names = [name for name, _ in task_list]
     tasks: list[_Task] = []
@@ -443,9 +494,13 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
             counts.append(n)
         if not sources:
             raise UserError(f"{path}: task '{name}' has no records")
-        tasks.append(_Task(name, sources, counts, _held_out(name, sum(counts), opts)))
+        valid = _held_out(name, sum(counts), opts)
+        tasks.append(_Task(name, sources, counts, valid, plan_mix(name, opts.mix.get(name, 1.0), valid, opts.seed),
+                           opts.fim.get(name)))
         skipped_files.append(empty)
-    log.info("tasks: %s", ", ".join(f"{t.name}={t.records} records ({int(t.valid.sum())} held out)" for t in tasks))
+    log.info("tasks: %s", ", ".join(f"{t.name}={t.records} records ({int(t.valid.sum())} held out)"
+                                    + (f", mixed x{t.mix.factor:g}: {t.mix.train_exposures} training samples"
+                                       if not t.mix.plain else "") for t in tasks))
 
     dtypes = field_dtypes(vocab_size, opts.seq_len, len(tasks))
     row_bytes = sum(np.dtype(d).itemsize for d in dtypes.values()) * opts.seq_len
@@ -467,14 +522,15 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                     stats[split].add_row(row)
 
         work = _Work(str(tokenizer_dir), renderer.mode, opts.seq_len, opts.overlong)
-        total = sum(t.records for t in tasks)
+        total = sum(t.mix.exposures for t in tasks)
+        fim_counts = {split: [collections.Counter() for _ in tasks] for split in SPLITS}
         from tqdm import tqdm
 
         with tqdm(total=total, unit="rec", desc="prep", disable=None if opts.progress else True) as bar, \
                 _no_cyclic_gc():
-            batches = _batches(_interleave(tasks), tasks, opts.batch_records)
+            batches = _batches(_interleave(tasks), tasks, opts.batch_records, opts.seed)
             for meta, outcomes in _run_batches(batches, work, opts.workers, tokenizer):
-                for (tid, held_out), (status, a, b, loss_tokens) in zip(meta, outcomes):
+                for (tid, held_out, fim_order), (status, a, b, loss_tokens) in zip(meta, outcomes):
                     split = "valid" if held_out else "train"
                     task_stats = stats[split].tasks[tid]
                     if status == "bad":
@@ -485,6 +541,8 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                         task_stats.dropped[a] += 1
                     else:
                         task_stats.truncated += status == "truncated"
+                        if fim_order is not None:
+                            fim_counts[split][tid][fim_order] += 1
                         sample = Sample(tid, a, b, loss_tokens)
                         emit(split, valid_packers[tid].add(sample) if held_out else train_packer.add(sample))
                 bar.update(len(meta))
@@ -515,6 +573,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 "seq_len": opts.seq_len, "num_rows": writers[split].rows, "dtypes": dtypes,
                 "pad_token_id": pad_id, "template": renderer.mode, "tokenizer": tokenizer_info, "tasks": names,
                 **stats[split].summary(names), "shards": shards, "arguments": opts.arguments(),
+                **_mix_and_fim(tasks, split, fim_counts[split], fim_tokens),
             }
             manifest_io.write(temp / split, manifests[split])
         mark_output(temp, OUTPUT_KIND)
@@ -575,3 +634,18 @@ def _fate(task: _Task, stats: dict[str, manifest_io.SplitStats], tid: int) -> st
             counts = ", ".join(f"{reason}={n}" for reason, n in sorted(reasons.items()))
             parts.append(f"{sum(reasons.values())} {what} ({counts})")
     return ", ".join(parts)
+
+
+def _mix_and_fim(tasks: list[_Task], split: str, fim_counts: list[collections.Counter],
+                 tokens: fim.FimTokens | None) -> dict[str, Any]:
+    """Manifest entries of the tasks with --mix (train split) and --fim (samples written in FIM form, by order)."""
+    entries: dict[str, Any] = {}
+    mixed = {t.name: {"factor": t.mix.factor, "records": t.mix.train_records, "samples": t.mix.train_exposures}
+             for t in tasks if not t.mix.plain}
+    if mixed and split == "train":
+        entries["mix"] = mixed
+    if tokens is not None:
+        entries["fim"] = {"tokens": asdict(tokens), "tasks": {
+            t.name: {**asdict(t.fim), "psm": counts["psm"], "spm": counts["spm"]}
+            for t, counts in zip(tasks, fim_counts) if t.fim is not None}}
+    return entries

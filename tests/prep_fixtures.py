@@ -5,6 +5,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
+from mftcoder_coba.data import IGNORE_INDEX, PackedDataset
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 
 
@@ -36,3 +39,18 @@ def tokenizer_copy(target: Path, *, fim_tokens: tuple[str, ...] = (), chat_templ
         config["chat_template"] = chat_template
         (target / "tokenizer_config.json").write_text(json.dumps(config))
     return target
+
+
+def packed_samples(ds: PackedDataset, tokenizer) -> list[tuple[str, str]]:
+    """Every packed sample of a split, in row order, as (decoded text, decoded loss targets)."""
+    out = []
+    for r in range(len(ds)):
+        row = ds[r]
+        ids, labels, pos, tasks = row["input_ids"], row["labels"], row["position_ids"], row["task_ids"]
+        target = np.zeros(len(ids), dtype=bool)
+        target[1:] = labels[:-1] != IGNORE_INDEX
+        starts = np.flatnonzero(pos == 0).tolist() + [len(ids)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if tasks[a] >= 0:
+                out.append((tokenizer.decode(ids[a:b].tolist()), tokenizer.decode(ids[a:b][target[a:b]].tolist())))
+    return out
