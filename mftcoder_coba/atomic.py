@@ -97,14 +97,15 @@ def check_replaceable(dest: str | Path, *, overwrite: bool, kind: str, inputs: I
       markers existed).
     """
     dest = Path(os.path.abspath(dest))
+    if kind != "run":
+        run = enclosing_run_dir(dest)
+        if run is not None:
+            where = "is the run directory" if run == dest else f"lies inside the run directory {run}"
+            raise UserError(f"{dest}: {where}; choose an output directory outside it")
     for item in inputs:
         source = Path(os.path.abspath(item))
         if dest == source or source in dest.parents or dest in source.parents:
             raise UserError(f"{dest}: is, holds or lies inside the input {source}; choose another output directory")
-    if kind != "run":
-        run = enclosing_run_dir(dest)
-        if run is not None:
-            raise UserError(f"{dest}: lies inside the run directory {run}; choose an output directory outside it")
     if not os.path.lexists(dest):
         return
     refuse_existing(dest, overwrite=overwrite, hint=hint)
@@ -114,8 +115,8 @@ def check_replaceable(dest: str | Path, *, overwrite: bool, kind: str, inputs: I
     if kind != "run" and any(is_run_dir(child) for child in dest.iterdir() if child.is_dir()):
         raise UserError(f"{dest}: holds a run directory; --overwrite never replaces one")
     if output_kind(dest) != kind and not (owned is not None and owned(dest)):
-        raise UserError(f"{dest}: exists and is not a {kind} output of this tool (no {OUTPUT_MARKER} marker); "
-                        f"--overwrite replaces only its own {kind} outputs: choose another output directory")
+        raise UserError(f"{dest}: exists and is not this tool's {kind} output (no {OUTPUT_MARKER} marker of that "
+                        f"kind); --overwrite replaces only its own {kind} outputs: choose another output directory")
 
 
 def make_temp_dir(dest: str | Path) -> Path:

@@ -200,3 +200,68 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --- check_replaceable: what --overwrite may replace ----------------------------------------------------------
+
+def _run_dir(path: Path) -> Path:
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.yaml").write_text("{}\n")
+    return path
+
+
+def test_check_replaceable_allows_new_and_own_outputs(tmp_path: Path) -> None:
+    from mftcoder_coba.atomic import check_replaceable, mark_output
+
+    check_replaceable(tmp_path / "new", overwrite=False, kind="export")  # absent: fine
+    own = tmp_path / "own"
+    own.mkdir()
+    mark_output(own, "export")
+    check_replaceable(own, overwrite=True, kind="export")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    check_replaceable(legacy, overwrite=True, kind="export", owned=lambda d: d == legacy)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("exists_no_overwrite", "already exists"),
+    ("other_kind", "not this tool's export output"),
+    ("unmarked", "no .mftcoder-coba-output marker"),
+    ("a_file", "not a directory this tool wrote"),
+    ("inside_run", "lies inside the run directory"),
+    ("is_run", "is the run directory"),
+    ("holds_run", "holds a run directory"),
+    ("holds_input", "is, holds or lies inside the input"),
+    ("inside_input", "is, holds or lies inside the input"),
+])
+def test_check_replaceable_refuses_what_is_not_its_own(tmp_path: Path, case: str, message: str) -> None:
+    from mftcoder_coba.atomic import check_replaceable, mark_output
+
+    dest, inputs, overwrite = tmp_path / "out", [], True
+    if case == "exists_no_overwrite":
+        dest.mkdir()
+        mark_output(dest, "export")
+        overwrite = False
+    elif case == "other_kind":
+        dest.mkdir()
+        mark_output(dest, "prepared-data")
+    elif case == "unmarked":
+        dest.mkdir()
+        (dest / "notes.txt").write_text("mine\n")
+    elif case == "a_file":
+        dest.write_text("x")
+    elif case == "inside_run":
+        dest = _run_dir(tmp_path / "run") / "checkpoints"
+    elif case == "is_run":
+        dest = _run_dir(tmp_path / "run")
+    elif case == "holds_run":
+        dest.mkdir()
+        mark_output(dest, "export")
+        _run_dir(dest / "run")
+    elif case == "holds_input":
+        (dest / "data").mkdir(parents=True)
+        inputs = [dest / "data" / "a.jsonl"]
+    elif case == "inside_input":
+        inputs = [tmp_path]
+    with pytest.raises(UserError, match=message):
+        check_replaceable(dest, overwrite=overwrite, kind="export", inputs=inputs)

@@ -275,7 +275,7 @@ def damaged_shards(h: Harness) -> list[Outcome]:
 
         dtype = row_dtype(manifest["dtypes"], manifest["seq_len"])
         rows = np.memmap(_shard(data), dtype=dtype, mode="r+")
-        rows["input_ids"][1, 5] = np.iinfo(rows["input_ids"].dtype).max
+        rows["input_ids"][-1, 5] = np.iinfo(rows["input_ids"].dtype).max  # the last row: not read in 8 steps
         rows.flush()
         del rows
         _rehash(data)
@@ -339,17 +339,22 @@ def damaged_checkpoints(h: Harness) -> list[Outcome]:
 def concurrent_runs(h: Harness) -> list[Outcome]:
     """A second train on a run directory in use is refused; the first finishes with clean metrics."""
     run_dir = h.fresh("concurrent") / "run"
-    first = h.start("train", "--config", str(h.config(run_dir, steps=12)))
-    deadline = time.time() + 120
+    steps_total = 40
+    first = h.start("train", "--config", str(h.config(run_dir, steps=steps_total)))
+    deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
-    second = h.train(h.config(run_dir, steps=12, name="second", seed=99))
-    first_out, _ = first.communicate()
+    # --resume auto: the checkpoint rule would let it in, so only the run-directory lock stands in the way
+    second = h.train(h.config(run_dir, steps=steps_total, name="second", seed=99), "--resume", "auto")
+    still_running = first.poll() is None
+    first.communicate()
     steps = [r["step"] for r in metrics(run_dir)] if first.returncode == 0 else []
-    ok = second.returncode != 0 and first.returncode == 0 and steps == list(range(0, 13))
+    ok = (still_running and second.returncode != 0 and first.returncode == 0
+          and steps == list(range(0, steps_total + 1)))
     return [Outcome("two train runs on one run_dir", "the second refused naming the holder; the first unharmed",
-                    f"second exit {second.returncode}: {last_line(second)}; first exit {first.returncode}, "
-                    f"{len(steps)} metric lines", first.returncode != 0, ok)]
+                    f"second (--resume auto, while the first ran: {still_running}) exit {second.returncode}: "
+                    f"{last_line(second)}; first exit {first.returncode}, {len(steps)} metric lines",
+                    first.returncode != 0, ok)]
 
 
 class _Evil:
@@ -363,6 +368,8 @@ class _Evil:
 
 
 def untrusted_files(h: Harness) -> list[Outcome]:
+    from mftcoder_coba.file_manifest import write_manifest
+
     out = []
     # 1. a crafted pickle in a checkpoint's engine state
     run_dir = h.fresh("untrusted") / "run"
@@ -373,6 +380,7 @@ def untrusted_files(h: Harness) -> list[Outcome]:
         newest = checkpoints(run_dir)[-1]
         target = sorted((newest / "engine").rglob("*.pt"))[0]
         target.write_bytes(pickle.dumps(_Evil(marker)))
+        write_manifest(newest)  # an attacker rewrites files.json too: only the weights-only load stands in the way
         resumed = h.train(h.config(run_dir, steps=6), "--resume", str(newest))
         out.append(Outcome("resume from a checkpoint whose engine file is a crafted pickle",
                            "refused; the pickle's code never runs", f"exit {resumed.returncode}: "
@@ -390,6 +398,7 @@ def untrusted_files(h: Harness) -> list[Outcome]:
         config_json = json.loads((model_dir / "config.json").read_text())
         config_json["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
         (model_dir / "config.json").write_text(json.dumps(config_json))
+        write_manifest(model_dir.parent)
         export = h.cli("export", str(run_dir), "--out", str(run_dir.parent / "export"),
                        "--checkpoint", str(model_dir.parent))
         out.append(Outcome("export of a run whose config.yaml says trust_remote_code: true (remote code in the "
