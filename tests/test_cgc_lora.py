@@ -362,7 +362,7 @@ def test_export_replaces_only_its_own_output_outside_inputs_and_runs(tmp_path) -
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a export output"):
+    with pytest.raises(UserError, match="not this tool's export output"):
         export_task_adapters(model, notes, overwrite=True)
     assert (notes / "keep.txt").read_text() == "mine"
     run = tmp_path / "run"
@@ -373,7 +373,7 @@ def test_export_replaces_only_its_own_output_outside_inputs_and_runs(tmp_path) -
     with pytest.raises(UserError, match="input"):
         export_task_adapters(model, tmp_path / "data" / "export", inputs=[tmp_path / "data"])
     mark_output(notes, "fused-model")
-    with pytest.raises(UserError, match="not a export output"):
+    with pytest.raises(UserError, match="not this tool's export output"):
         export_task_adapters(model, notes, overwrite=True)
 
 

@@ -101,7 +101,7 @@ def test_overwrite_replaces_exports_only(runs: dict[str, Path], tmp_path: Path,
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
     assert cli(["export", str(run), "--out", str(notes), "--overwrite"]) == 2
-    assert "is not a export output of this tool" in capsys.readouterr().err
+    assert "is not this tool's export output" in capsys.readouterr().err
     assert (notes / "keep.txt").read_text() == "mine"
 
     old = export_run(run, tmp_path / "old")

@@ -54,7 +54,7 @@ def test_overwrite_never_replaces_a_folder_holding_the_input_or_notes(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert f"holds or lies inside the input {data}" in result.stderr
     elsewhere = _write(tmp_path / "y.jsonl", GOOD)
-    with pytest.raises(UserError, match="is not a prepared-data output of this tool"):
+    with pytest.raises(UserError, match="is not this tool's prepared-data output"):
         prepare(_opts({"t": elsewhere}, folder, overwrite=True))  # the notes alone are reason enough
     with pytest.raises(UserError, match="holds or lies inside the input"):
         prepare(_opts({"t": folder}, folder / "prepared"))  # inside an input directory: read back as input
@@ -79,7 +79,7 @@ def test_overwrite_replaces_a_prep_output_also_one_made_before_markers(tmp_path)
     (out / "train" / "plot.png").unlink()
     (out / OUTPUT_MARKER).write_text("exported-model\n")  # another command's output is not prep's to replace
     (out / "train" / "manifest.json").write_text("{}")
-    with pytest.raises(UserError, match="is not a prepared-data output"):
+    with pytest.raises(UserError, match="is not this tool's prepared-data output"):
         prepare(_opts({"t": data}, out, overwrite=True))
 
 
