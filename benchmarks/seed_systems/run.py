@@ -17,6 +17,9 @@ CGC-LoRA (Song et al. 2024) claims task-common plus task-specific experts avoid 
     single         one LoRA of rank R per task, trained alone on that task for the same steps
 
   The seesaw count is, per seed, the number of tasks whose held-out loss ends above their single-task LoRA's.
+  At equal steps and batch a single-task LoRA reads about four times as many of its task's tokens as a
+  multitask run does, so it is a strong reference: the count says whether sharing beats that, not only
+  whether tasks conflict.
 
 ColD Fusion (Don-Yehiya et al. 2023) claims the fused model is a better starting point for new tasks. Three
 tasks form the pool, ``unit_tests`` is kept out (unseen). Full fine-tuning of the whole model:
