@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -47,8 +48,8 @@ from mftcoder_coba.data_prep.mix import MixPlan, plan_mix
 from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
 from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes
-from mftcoder_coba.data_prep.tokens import Encoder, encode_threads, load_tokenizer, quiet_worker_threads, \
-    serial_encode_calls, tokenizer_files_sha256
+from mftcoder_coba.data_prep.tokens import Encoder, LazyTokenizer, encode_threads, load_tokenizer, \
+    quiet_worker_threads, serial_encode_calls, tokenizer_files_sha256
 from mftcoder_coba.data_prep.truncate import left_cut
 from mftcoder_coba.errors import UserError
 
@@ -194,17 +195,41 @@ class _Work:
 _STATE: dict[str, Any] = {}
 
 
-def _init_state(work: _Work, quiet: bool, tokenizer: Any = None) -> None:
-    if quiet:
-        quiet_worker_threads()
-    tokenizer = load_tokenizer(work.tokenizer_dir) if tokenizer is None else tokenizer
-    _STATE.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
+_WARM_ROUNDS = 8
+"""Conversation shapes (with and without a system prompt, 1 to this many rounds) whose template plans the
+parent makes before shipping the renderer to ``--workers`` processes."""
 
 
-def _init_worker(work: _Work, parent: int) -> None:
-    """Initializer of a ``--workers`` process: bound to the life of prep, then set up for batches."""
+def _worker_state(tokenizer: Any, work: _Work) -> bytes:
+    """The renderer and encoder a ``--workers`` process uses, made and pickled here (once for all workers:
+    pickling a tokenizer serialises its whole vocabulary) so the worker need not load them.
+
+    Loading them in a worker means importing transformers (and torch with it) and the tokenizer again:
+    2-3 s of CPU per worker, a fifth of the whole run on a 15 M-token corpus. The encoder (Rust tokenizers)
+    pickles as it is; the renderer goes with its chat-template plans for the common conversation shapes
+    already made and a :class:`LazyTokenizer` in place of the tokenizer, which a worker loads only if a
+    record needs the template itself (a shape not made here, tool calls, a template that edits contents).
+    A shape whose template fails is left to the worker, which reports it for the record that has it.
+    """
+    renderer = Renderer(tokenizer, work.template)
+    if renderer.mode == "chat":
+        for system in (False, True):
+            for rounds in range(1, _WARM_ROUNDS + 1):
+                chat = [{"role": "system", "content": "s"}] if system else []
+                chat += [{"role": role, "content": role[0]} for _ in range(rounds) for role in ("user", "assistant")]
+                with contextlib.suppress(UserError, BadRecord):
+                    renderer.render(normalise({"chat_rounds": chat}, "warm-up"))
+    renderer.tokenizer = LazyTokenizer(work.tokenizer_dir, str(tokenizer.name_or_path))
+    return pickle.dumps((renderer, Encoder(tokenizer)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _init_worker(work: _Work, parent: int, state: bytes) -> None:
+    """Initializer of a ``--workers`` process: bound to the life of prep, then set up for batches with the
+    parent's renderer and encoder (:func:`_worker_state`)."""
     _die_with_parent(parent)
-    _init_state(work, quiet=True)
+    quiet_worker_threads()
+    renderer, encoder = pickle.loads(state)
+    _STATE.update(renderer=renderer, encoder=encoder, work=work)
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -393,6 +418,43 @@ def _batches(stream: Iterator[tuple[int, Exposure]], tasks: list[_Task], size: i
         yield meta, work
 
 
+_KEPT = ("ok", "truncated")
+Flat = tuple[list[Outcome], np.ndarray, np.ndarray]
+"""A batch's outcomes as a worker sends them: kept samples carry their length in place of ``ids`` (and None
+for ``mask``), their tokens and masks lie end to end in the two arrays."""
+
+
+def _process_flat(batch: list[Record]) -> Flat:
+    """:func:`_process` in a ``--workers`` process, its kept samples sent back as two flat arrays.
+
+    Why: pickling one NumPy array per sample costs some 10 microseconds on each side (header, dtype,
+    reconstruction), about as much as tokenising 10 tokens; two arrays per batch cost nothing per sample.
+    """
+    outcomes = _process(batch)
+    kept = [o for o in outcomes if o[0] in _KEPT]
+    ids = np.concatenate([o[1] for o in kept]) if kept else np.zeros(0, np.int32)
+    mask = np.concatenate([o[2] for o in kept]) if kept else np.zeros(0, np.uint8)
+    return [(o[0], len(o[1]), None, o[3]) if o[0] in _KEPT else o for o in outcomes], ids, mask
+
+
+def _unflatten(flat: Flat) -> list[Outcome]:
+    """The outcomes of :func:`_process_flat` with each kept sample's ids and mask as views of the arrays."""
+    light, ids, mask = flat
+    outcomes: list[Outcome] = []
+    pos = 0
+    for status, a, b, loss in light:
+        if status in _KEPT:
+            outcomes.append((status, ids[pos : pos + a], mask[pos : pos + a], loss))
+            pos += a
+        else:
+            outcomes.append((status, a, b, loss))
+    return outcomes
+
+
+def _same(outcomes: list[Outcome]) -> list[Outcome]:
+    return outcomes
+
+
 def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, workers: int, tokenizer: Any
                  ) -> Iterator[tuple[list[tuple[int, bool]], list[Outcome]]]:
     """Outcomes batch by batch, in submission order, with at most two batches per thread or worker in flight.
@@ -403,29 +465,34 @@ def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, wo
     its next batch and this thread packs and writes, and every core stays busy without the pool's hand-offs
     and per-call tails. More workers are processes, started with spawn (never fork a process that may hold
     threads or a CUDA context) under a ProcessPoolExecutor, so a worker that dies fails the run instead of
-    hanging it.
+    hanging it; they get the renderer and encoder made here (:func:`_worker_state`) and send each batch
+    back as two flat arrays (:func:`_process_flat`).
     """
     serial: contextlib.AbstractContextManager = contextlib.nullcontext()
     if workers == 1:
-        _init_state(work, quiet=False, tokenizer=tokenizer)
+        _STATE.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
         threads = encode_threads()
         executor: Executor = ThreadPoolExecutor(threads)
         serial = serial_encode_calls()
+        process: Callable[[list[Record]], Any] = _process
+        unpack: Callable[[Any], list[Outcome]] = _same
     else:
         threads = workers
         executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(work, os.getpid()))
+                                       initializer=_init_worker,
+                                       initargs=(work, os.getpid(), _worker_state(tokenizer, work)))
+        process, unpack = _process_flat, _unflatten
     with serial, executor:
         pending: collections.deque = collections.deque()
         try:
             for meta, items in batches:
-                pending.append((meta, executor.submit(_process, items)))
+                pending.append((meta, executor.submit(process, items)))
                 if len(pending) >= 2 * max(threads, 2):
                     meta_done, future = pending.popleft()
-                    yield meta_done, future.result()
+                    yield meta_done, unpack(future.result())
             while pending:
                 meta_done, future = pending.popleft()
-                yield meta_done, future.result()
+                yield meta_done, unpack(future.result())
         finally:
             for _, future in pending:
                 future.cancel()
