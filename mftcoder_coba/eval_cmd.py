@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     target = resolve_target(args.target, checkpoint=args.checkpoint, adapter=args.adapter, task_adapters=task_adapters)
     world = distributed.init() if distributed.world_from_env().size > 1 else None
     device = world.device if world is not None else pick_device(args.device)
-    model = load_model(target, dtype=args.dtype, device=device)
+    model = load_model(target, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
     start = time.monotonic()
     losses = evaluate_target(model, target, dataset, micro_batch_size=args.batch_size, impl=args.impl)
     result = {"target": target.describe(), "data": str(args.data), "rows": len(dataset),

@@ -128,12 +128,17 @@ def _evaluate(target: Target, args: argparse.Namespace, problems: list[Problem],
     from transformers import AutoTokenizer
 
     from mftcoder_coba.evaluation.generation import generate_completions
-    from mftcoder_coba.evaluation.targets import load_model, pick_device
+    from mftcoder_coba.evaluation.targets import first_line, load_model, pick_device
 
     if target.tokenizer is None:
         raise UserError(f"{target.path}: no tokenizer found beside the model")
-    tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer), local_files_only=True)
-    model = load_model(target, dtype=args.dtype, device=pick_device(args.device), for_generation=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer), local_files_only=True,
+                                                  trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{target.tokenizer}: cannot load the tokenizer ({first_line(exc)})") from None
+    model = load_model(target, dtype=args.dtype, device=pick_device(args.device), for_generation=True,
+                       trust_remote_code=args.trust_remote_code)
     task_id = _select_task(model, target, args.task)
     start = time.monotonic()
     completions = generate_completions(model, tokenizer, problems, n, sampling, task_id=task_id)

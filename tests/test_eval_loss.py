@@ -229,3 +229,22 @@ def test_cgc_lora_generation_per_task_matches_the_export(runs: dict[str, Path], 
     for target in (runs["cgc_lora"], export):
         assert cli(["eval-code", str(target), *common]) == 2
         assert "choose one with --task" in capsys.readouterr().err
+
+
+def test_a_models_own_code_runs_only_with_trust_remote_code(tmp_path: Path) -> None:
+    model_dir = tiny_model_dir(tmp_path / "model", 64)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_tagged.TaggedForCausalLM"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "modeling_tagged.py").write_text(
+        "from transformers import LlamaForCausalLM\n\n\nclass TaggedForCausalLM(LlamaForCausalLM):\n    pass\n")
+    target = resolve_target(model_dir)
+    assert type(load_model(target)).__name__ == "LlamaForCausalLM"
+    assert type(load_model(target, trust_remote_code=True)).__name__ == "TaggedForCausalLM"
+
+
+def test_an_unloadable_model_is_one_error_line(tmp_path: Path) -> None:
+    model_dir = tiny_model_dir(tmp_path / "model", 64)
+    (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=r"model: cannot load the model \("):
+        load_model(resolve_target(model_dir))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from mftcoder_coba.atomic import is_run_dir
@@ -140,15 +141,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_model(target: Target, *, dtype: str = "auto", device: torch.device | None = None,
-               for_generation: bool = False) -> nn.Module:
+               for_generation: bool = False, trust_remote_code: bool = False) -> nn.Module:
     """The target's model in eval mode on ``device``; with task adapters, a peft model holding all of them
     (select one with :func:`use_task`).
 
     ``dtype``: ``auto`` keeps the run's or the saved model's dtype. Packed-row loss uses the attention the
-    trainer would choose; generation uses SDPA (or flash-attn), which serve the KV cache.
+    trainer would choose; generation uses SDPA (or flash-attn), which serve the KV cache. A model's own code
+    (``auto_map``) runs only with ``trust_remote_code``, which comes from the command line.
     """
     if target.kind == "run":
-        model = load_trained(target.path, target.checkpoint)
+        model = load_trained(target.path, target.checkpoint, trust_remote_code=trust_remote_code)
         if dtype != "auto":
             model = model.to(DTYPES[dtype])
     else:
@@ -156,14 +158,23 @@ def load_model(target: Target, *, dtype: str = "auto", device: torch.device | No
 
         torch_dtype = DTYPES.get(dtype, "auto")
         config_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            str(target.base), dtype=torch_dtype, local_files_only=True,
-            attn_implementation=resolve_attn_implementation("auto", config_dtype))
-        model = _with_adapters(model, target)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(target.base), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                attn_implementation=resolve_attn_implementation("auto", config_dtype))
+            model = _with_adapters(model, target)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise UserError(f"{target.path}: cannot load the model ({first_line(exc)})") from None
     lm = causal_lm(model)
     if for_generation and lm.config._attn_implementation not in (FLASH, "sdpa", "eager"):
         lm.set_attn_implementation(FLASH if flash_attn_available() and lm.dtype == torch.bfloat16 else "sdpa")
     return model.to(device or torch.device("cpu")).eval()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _adapter_names(target: Target) -> dict[Path, str]:
