@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mftcoder_coba.balancers import BALANCERS
-from mftcoder_coba.balancers.simulate import _HeldOut, SimulationConfig, make_problem, run_balancer, summarise
+from mftcoder_coba.balancers.simulate import SimulationConfig, _HeldOut, make_problem, run_balancer, summarise
 from mftcoder_coba.cli import main
 
 

@@ -3,6 +3,7 @@ change and CoBa's slope diagnostics in metrics.jsonl (and their plot), and a res
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_fixed_run_measures_the_same_rows_and_logs_weight_change_and_slope_error
         np.testing.assert_allclose(sums / counts, [lines[step]["valid_loss"][t] for t in tasks], rtol=1e-6)
 
     # weight_change: L1 between consecutive updates' weights (the weights of the next step's line)
-    for line, following in zip(lines[1:-1], lines[2:]):
+    for line, following in pairwise(lines[1:]):
         expected = sum(abs(following["weights"][t] - line["weights"][t]) for t in tasks)
         assert line["weight_change"] == pytest.approx(expected, abs=1e-12)
     assert "weight_change" not in lines[0] and lines[1]["weight_change"] == 0.0  # warm-up update: still uniform

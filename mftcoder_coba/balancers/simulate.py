@@ -195,7 +195,7 @@ class _HeldOut:
     def _draw(self) -> list[torch.Tensor]:
         return [torch.randint(0, n, (self.cfg.valid_rows,), generator=self.samples) for n in self.valid.sizes()]
 
-    def losses(self, model: "_SharedTrunk", per_task: list[torch.Tensor]) -> torch.Tensor:
+    def losses(self, model: _SharedTrunk, per_task: list[torch.Tensor]) -> torch.Tensor:
         """Per-task loss of the rows ``per_task`` (indices within each task), times their difficulty factor."""
         x, y, task = self.valid.rows(per_task)
         index = torch.cat([idx + int(self.valid.offsets[k]) for k, idx in enumerate(per_task)])
@@ -203,10 +203,10 @@ class _HeldOut:
         counts = torch.bincount(task, minlength=model.num_tasks)
         return model.task_losses(x, y, task).double() * torch.exp(offsets / counts)
 
-    def initial(self, model: "_SharedTrunk") -> torch.Tensor:
+    def initial(self, model: _SharedTrunk) -> torch.Tensor:
         return self.losses(model, self.initial_rows)
 
-    def update(self, model: "_SharedTrunk") -> torch.Tensor:
+    def update(self, model: _SharedTrunk) -> torch.Tensor:
         return self.losses(model, self.fixed if self.fixed is not None else self._draw())
 
 
