@@ -33,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", type=Path, help="run directory, export, transformers model or adapter directory")
     parser.add_argument("--data", type=Path, required=True, help="prepared split directory (OUT/valid, a test split)")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="run targets: checkpoint directory (RUN/checkpoints/step-N); default: the newest")
+                        help="run targets: checkpoint directory (RUN/checkpoints/step-N) instead of the newest")
     add_model_arguments(parser)
     parser.add_argument("--task-adapter", action="append", default=[], metavar="TASK=DIR",
                         help="peft adapter used for TASK only (repeatable); other tasks use the model alone")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward")
     parser.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto",
                         help="per-task loss kernel (auto: Triton on CUDA, PyTorch otherwise)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

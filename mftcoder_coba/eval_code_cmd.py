@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", type=Path, nargs="?", default=None,
                         help="run directory, export, transformers model or adapter directory (not with --self-check)")
     parser.add_argument("--benchmark", default=HUMANEVAL, help="'humaneval' or a JSONL file of problems")
-    parser.add_argument("--n", type=int, default=10, help="samples per problem (default 10)")
-    parser.add_argument("--k", default=None, help="comma-separated k of pass@k, each <= n (default: 1,10,100 up to n)")
+    parser.add_argument("--n", type=int, default=10, help="samples per problem")
+    parser.add_argument("--k", default=None, help="comma-separated k of pass@k, each <= n; unset: 1,10,100 up to n")
     parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per completion at most")
@@ -51,19 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for the whole function in a python code block)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    parser.add_argument("--workers", type=int, default=2, help="samples executed in parallel (default 2)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per sample (default 10)")
-    parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per sample (default 1024)")
+    parser.add_argument("--workers", type=int, default=2, help="samples executed in parallel")
+    parser.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per sample")
+    parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per sample")
     parser.add_argument("--task", default=None,
                         help="CGC-LoRA runs and exports: the task whose adapter/gates generate")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="run targets: this checkpoint (default newest)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="run targets: this checkpoint instead of the newest")
     parser.add_argument("--all-checkpoints", action="store_true",
                         help=f"score every complete checkpoint of the run TARGET into TARGET/{RUN_RESULTS}")
     parser.add_argument("--self-check", action="store_true",
                         help="execute the benchmark's canonical solutions instead of generating (harness check)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary (pass@k) as JSON here")
     parser.add_argument("--samples", type=Path, default=None,
-                        help="write every sample as JSONL here (default with --out: OUT's name + .samples.jsonl)")
+                        help="write every sample as JSONL here; unset with --out: OUT's name + .samples.jsonl")
     add_model_arguments(parser)
 
 
