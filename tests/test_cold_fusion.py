@@ -254,3 +254,24 @@ def test_demo_fuses_uniformly(tmp_path) -> None:
     assert [r.weight for r in result.rows] == [0.25] * 4
     config = yaml.safe_load((tmp_path / "demo" / "run" / "fusion_config.yaml").read_text())
     assert config["fusion_weights"] == "uniform"
+
+
+def test_shared_models_take_only_the_verified_tokenizer_files(shards, tmp_path) -> None:
+    """A file slipped into a contributor's OUT/tokenizer (a key, say) never reaches a shared model directory, and a
+    tokenizer file that differs from the manifest's hash is refused, as train refuses it."""
+    import shutil
+
+    from mftcoder_coba.data import PackedDataset
+    from mftcoder_coba.fusion.cold_fusion import _copy_tokenizer
+
+    prepared = tmp_path / "alice"
+    shutil.copytree(shards / "alice", prepared)
+    (prepared / "tokenizer" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    out = tmp_path / "shared"
+    out.mkdir()
+    _copy_tokenizer(PackedDataset(prepared / "train"), out)
+    assert (out / "tokenizer.json").is_file() and not (out / "id_rsa").exists()
+    with open(prepared / "tokenizer" / "tokenizer.json", "a", encoding="utf-8") as f:
+        f.write(" ")
+    with pytest.raises(UserError, match="differs from the tokenizer the shards were made with"):
+        _copy_tokenizer(PackedDataset(prepared / "train"), tmp_path / "other")

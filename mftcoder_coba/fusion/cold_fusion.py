@@ -390,17 +390,18 @@ def _base_model(cfg: FusionConfig, datasets: dict[str, Any]) -> Path:
     model = build_model(model_cfg, first.vocab_size, len(first.tasks))
     with atomic_directory(out, overwrite=True) as tmp:  # an incomplete leftover (no config.json) is replaced
         model.save_pretrained(str(tmp))
-        _copy_tokenizer(first.tokenizer_dir, tmp)
+        _copy_tokenizer(first, tmp)
     logger.info("ColD Fusion base: random-init %s saved to %s", model_cfg.model_config.get("model_type"), out)
     return out
 
 
-def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
-    """Make a shared model directory self-contained (exports and chat tools find the tokenizer beside it)."""
-    if tokenizer_dir is None:
-        return
-    for item in Path(tokenizer_dir).iterdir():
-        if item.is_file() and not (out / item.name).exists():
+def _copy_tokenizer(dataset: Any, out: Path) -> None:
+    """Make a shared model directory self-contained (exports and chat tools find the tokenizer beside it).
+
+    Only the known tokenizer files of the prepared output's own copy, each checked against the manifest
+    (:meth:`PackedDataset.tokenizer_files`), as ``train`` takes them: never whatever else lies in that folder."""
+    for item in dataset.tokenizer_files():
+        if not (out / item.name).exists():
             shutil.copy2(item, out / item.name)
 
 
@@ -579,7 +580,7 @@ def run_cold_fusion(cfg: FusionConfig) -> Path:
         shutil.rmtree(fused, ignore_errors=True)   # a fusion left by an interrupted iteration is redone
         base = shared if job.model.adapter != "none" else None
         average_models([path for path, _ in selected.values()], fused, weights=weights, base_dir=base)
-        _copy_tokenizer(next(iter(datasets.values())).tokenizer_dir, fused)
+        _copy_tokenizer(next(iter(datasets.values())), fused)
         _finish_iteration(cfg, {"iteration": iteration, "valid_loss": evaluate(fused), "model": str(fused),
                                 "contributors": {name: str(path) for name, (path, _) in selected.items()},
                                 "selected_step": {name: step for name, (_, step) in selected.items()},
