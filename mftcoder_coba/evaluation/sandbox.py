@@ -3,10 +3,11 @@
 What it protects against is code that is wrong rather than malicious: a sample that loops forever, forks,
 allocates without end, writes huge files, prints without end, exits or kills itself, deletes files in its
 working directory or reads the environment. Each sample runs as ``python -I`` (no user site, no ``PYTHON*``
-variables, no current directory on ``sys.path``) in its own session, so the whole process group is killed at
-the wall-clock timeout; it starts in a fresh temporary directory that is removed afterwards (never the run
-directory), with a scrubbed environment (only PATH, HOME and TMPDIR pointing into that directory, LANG),
-stdin closed, stdout and stderr captured to an anonymous file and truncated, and the rlimits and
+variables, no current directory on ``sys.path``) in its own session, whose whole process group is killed at
+the wall-clock timeout and again when the sample ends (so nothing it started outlives it); it starts in a
+fresh temporary directory that is removed afterwards (never the run directory), with a scrubbed environment
+(only PATH=/usr/bin:/bin, HOME and TMPDIR pointing into that directory, LANG, OMP_NUM_THREADS=1), stdin
+empty (/dev/null), stdout and stderr captured to an anonymous file and truncated, and the rlimits and
 process-creation guards of :mod:`mftcoder_coba.evaluation.sandbox_child`.
 
 What it is not: a security boundary. There is no seccomp filter, no namespace, no chroot and no separate
