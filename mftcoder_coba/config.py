@@ -34,6 +34,62 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """A prepared shard set scored in full during training (per-task token loss), apart from the balancer's
+    held-out sample: the test numbers ``train.keep_best`` and ``train.early_stopping`` can follow."""
+
+    data: Path | None = None
+    """A prepared split (e.g. a test split: a folder holding ``manifest.json``); ``null`` = no evaluation.
+    Prepared with the training split's tokenizer and ``seq_len``; its tasks must be training tasks (a
+    subset is fine: each row is scored as the training task of the same name; the others log null)."""
+    every: int = 0
+    """Optimizer steps between evaluations (0 = only after the last step). The last step is always evaluated."""
+    micro_batch_size: int | None = None
+    """Rows per evaluation forward on one rank; ``null`` = ``train.micro_batch_size``."""
+
+    def validate(self) -> None:
+        check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        check(self.micro_batch_size is None or self.micro_batch_size >= 1, "eval.micro_batch_size",
+              f"must be >= 1 or null, got {self.micro_batch_size}")
+
+
+METRIC_SOURCES = ("eval", "valid")
+"""Where a watched metric comes from: ``eval`` = the ``eval:`` split, ``valid`` = the balancer's held-out sample."""
+
+
+def check_metric(metric: str, field: str) -> None:
+    """``eval.mean``, ``eval.worst``, ``eval.<task>``, ``valid.mean``, ``valid.worst`` or ``valid.<task>``
+    (task names are checked against the shards by preflight)."""
+    source, _, name = metric.partition(".")
+    check(source in METRIC_SOURCES and bool(name), field,
+          f"{metric!r} is not a metric: use eval.mean, eval.worst, eval.<task>, valid.mean, valid.worst or "
+          "valid.<task> (lower is better)")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop a run whose watched metric has stopped improving."""
+
+    metric: str
+    """The metric (``eval.mean``, ``eval.worst``, ``eval.<task>``, ``valid.mean``, ``valid.worst``,
+    ``valid.<task>``; lower is better), judged each time it is measured (``eval.every`` /
+    ``balancer.update_interval`` steps)."""
+    patience: int = 3
+    """Measurements in a row without improvement that stop the run (after a final checkpoint, exit 0)."""
+    min_delta: float = 0.0
+    """An improvement is a value below the best so far by more than this."""
+
+    def validate(self) -> None:
+        check_metric(self.metric, "train.early_stopping.metric")
+        check(self.patience >= 1, "train.early_stopping.patience", f"must be >= 1, got {self.patience}")
+        check(self.min_delta >= 0, "train.early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""Experiment trackers ``train.report_to`` can name (see :mod:`mftcoder_coba.training.trackers`)."""
+
+
+@dataclass
 class BalancerConfig:
     """Which task balancer weights the per-task losses, and the trainer's side of feeding it."""
 
@@ -153,8 +209,22 @@ class TrainConfig:
     kernel reads its logits)."""
     kernel_impl: Literal["auto", "triton", "torch"] = "auto"
     """Implementation of the per-task loss kernels (``auto``: Triton on CUDA, PyTorch otherwise)."""
-    tensorboard: bool = True
-    """Also write TensorBoard scalars under run_dir/tensorboard."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = None
+    """Trackers that get every metrics.jsonl scalar (rank 0): ``tensorboard`` (run_dir/tensorboard), ``wandb``
+    (offline unless ``WANDB_MODE`` says otherwise, files under run_dir/wandb), ``mlflow`` (a local store under
+    run_dir/mlruns unless ``MLFLOW_TRACKING_URI`` is set). ``null`` = ``[tensorboard]`` (``[]`` with
+    ``tensorboard: false``). W&B and MLflow also get the run config; a resumed run continues their run."""
+    tensorboard: bool | None = None
+    """The older switch for TensorBoard: ``false`` = no TensorBoard (``report_to`` then defaults to ``[]``).
+    Prefer ``report_to``; giving both is refused when they disagree."""
+    keep_best: str | None = None
+    """Keep the checkpoint with the lowest value of this metric (``eval.mean``, ``eval.worst``, ``eval.<task>``,
+    ``valid.mean``, ``valid.worst``, ``valid.<task>``) besides the ``keep_last`` newest, never pruned while it
+    is the best. A checkpoint is written at every step where a new best is measured (so the best is a
+    checkpoint of the exact step it was measured at); ``checkpoints/best.json`` names it, ``export --best``
+    exports it. Step-0 measurements (the untrained model) do not count."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when a metric has not improved for ``patience`` measurements (``null`` = never)."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """What a non-finite training loss or gradient norm does. ``stop``: the run ends at once with one line
     naming the step and the tasks whose losses were non-finite (``TrainingDiverged``, exit status 2), before
@@ -187,6 +257,21 @@ class TrainConfig:
         check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
         check(self.cpu_threads == "auto" or self.cpu_threads >= 1, "train.cpu_threads",
               f"must be >= 1 or 'auto', got {self.cpu_threads}")
+        if self.report_to is not None:
+            check(len(set(self.report_to)) == len(self.report_to), "train.report_to",
+                  f"names a tracker twice: {self.report_to}")
+            check(self.tensorboard is None or self.tensorboard == ("tensorboard" in self.report_to),
+                  "train.tensorboard", f"{self.tensorboard} disagrees with train.report_to {self.report_to}; "
+                  "drop train.tensorboard (report_to decides)")
+        if self.keep_best is not None:
+            check_metric(self.keep_best, "train.keep_best")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers to write to: ``report_to``, or its default from ``tensorboard``."""
+        if self.report_to is not None:
+            return list(self.report_to)
+        return [] if self.tensorboard is False else ["tensorboard"]
 
 
 @dataclass
@@ -205,6 +290,19 @@ class RunConfig:
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop, engine, checkpoint and logging settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """A split scored in full during training (off unless ``eval.data`` is set)."""
+
+    def validate(self) -> None:
+        for field_name, metric in (("train.keep_best", self.train.keep_best),
+                                   ("train.early_stopping.metric",
+                                    self.train.early_stopping.metric if self.train.early_stopping else None)):
+            if metric is None:
+                continue
+            check(not metric.startswith("eval.") or self.eval.data is not None, field_name,
+                  f"{metric!r} needs an eval split: set eval.data")
+            check(not metric.startswith("valid.") or self.data.valid is not None, field_name,
+                  f"{metric!r} needs the held-out split: set data.valid")
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

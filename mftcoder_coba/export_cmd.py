@@ -8,7 +8,8 @@ name beside DIR and renamed when complete; an existing DIR is replaced only with
 it is an export (marked as one, or an export made before markers), never the run or anything inside it,
 and only after the new export is whole. The checkpoint is checked against its ``files.json`` first.
 ``--trust-remote-code`` is the only way to run a model's own code: the run's config.yaml is a file being
-read, so its ``trust_remote_code`` is ignored here.
+read, so its ``trust_remote_code`` is ignored here. ``--best`` exports the checkpoint ``train.keep_best`` kept
+(named by ``RUN_DIR/checkpoints/best.json``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.cgc_lora import cgc_layers, export_task_adapters
 from mftcoder_coba.models.persist import model_dir_of
+from mftcoder_coba.training.best import read_best
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,11 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="run directory (config.yaml, tokenizer/, checkpoints/)")
     parser.add_argument("--out", type=Path, required=True, help="output model directory")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint to export (RUN_DIR/checkpoints/step-N); default: the newest complete one")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, default=None,
+                       help="checkpoint to export (RUN_DIR/checkpoints/step-N); default: the newest complete one")
+    which.add_argument("--best", action="store_true",
+                       help="export the best checkpoint of train.keep_best (RUN_DIR/checkpoints/best.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--merged-tasks", action="store_true",
                         help="CGC-LoRA runs: also write one merged model per task under OUT/merged/<task>")
@@ -42,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = export_run(args.run_dir, args.out, args.checkpoint, overwrite=args.overwrite,
+    checkpoint = read_best(args.run_dir) if args.best else args.checkpoint
+    out = export_run(args.run_dir, args.out, checkpoint, overwrite=args.overwrite,
                      merged_tasks=args.merged_tasks, trust_remote_code=args.trust_remote_code)
     print(out)
     return 0

@@ -13,7 +13,9 @@ Layout of one checkpoint (``run_dir/checkpoints/step-00000010``)::
 Everything is written into ``checkpoints/.tmp-step-...`` first (a name every rank agrees on, hence not
 :func:`mftcoder_coba.atomic.atomic_directory`'s per-process one) and published by rank 0 when every rank
 has finished (:func:`mftcoder_coba.atomic.publish`), so only complete checkpoints carry the ``step-`` name;
-checkpoints beyond ``keep_last`` vanish in one rename (:func:`mftcoder_coba.atomic.discard`). A run killed
+checkpoints beyond ``keep_last`` vanish in one rename (:func:`mftcoder_coba.atomic.discard`), except the
+best one of ``train.keep_best`` (named by ``checkpoints/best.json``, :mod:`~mftcoder_coba.training.best`),
+which is never pruned while it is the best. A run killed
 while saving or pruning leaves hidden folders that the next start removes. Multi-node runs need ``run_dir``
 on a filesystem all nodes share (each rank writes its own optimizer shard).
 
@@ -47,6 +49,7 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.file_manifest import has_manifest, manifest_problem, write_manifest
 from mftcoder_coba.models import save_trainable
 from mftcoder_coba.training import distributed
+from mftcoder_coba.training.best import MetricWatch, write_best
 from mftcoder_coba.training.distributed import World
 
 log = logging.getLogger(__name__)
@@ -107,10 +110,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], world: World,
-         keep_last: int, consolidated_state: dict[str, torch.Tensor] | None = None) -> Path:
+         keep_last: int, consolidated_state: dict[str, torch.Tensor] | None = None,
+         best: MetricWatch | None = None) -> Path:
     """Write the checkpoint of ``step`` on every rank (collective), then publish it and prune old ones.
 
     ``consolidated_state``: under ZeRO-3 the full state dict gathered on rank 0 for ``save_trainable``.
+    ``best``: ``train.keep_best``'s watch; its best checkpoint is kept besides the ``keep_last`` newest, and
+    when that is this step, ``best.json`` names it before any older best can be pruned.
     """
     folder = checkpoints_dir(run_dir)
     final = folder / f"step-{step:08d}"
@@ -128,8 +134,14 @@ def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], w
     if world.is_main:
         write_manifest(tmp)  # the last file: a folder whose files.json verifies was written whole
         publish(tmp, final, overwrite=True)  # a re-saved step (resumed from an older one) keeps its old copy until then
+        kept = None
+        if best is not None and best.best_step is not None:
+            kept = f"step-{best.best_step:08d}"
+            if best.best_step == step:
+                write_best(run_dir, best, final)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
-            discard(old)
+            if old.name != kept:
+                discard(old)
     distributed.barrier(world)
     return final
 

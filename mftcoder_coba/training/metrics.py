@@ -13,6 +13,12 @@ previous one (step 0 for the first), and the balancer's diagnostics, each a ``{t
 CoBa's ``slope`` (alpha_k of the update's fit) and ``slope_se`` (its standard error from the OLS residuals,
 null below three points) -- a slope_se near the gaps between the tasks' slopes means the weights follow
 observation noise. ``mfu`` is null off GPU. Only rank 0 writes.
+
+Lines of steps where the ``eval:`` split was scored carry ``eval_loss`` (``{task: float|null}``, null for a
+training task without rows in that split), ``eval_mean`` (mean over the tasks with a loss), ``eval_worst``
+(the largest) and ``eval_s`` (seconds). The line of the step where ``train.early_stopping`` stopped the
+run carries ``early_stopped``, the reason. Every number of a line also goes to the trackers
+(:mod:`~mftcoder_coba.training.trackers`) under the same name (``group/task`` inside per-task mappings).
 A resumed run first drops the lines after its checkpoint, so the file reads as one uninterrupted run.
 """
 from __future__ import annotations
@@ -28,6 +34,8 @@ import torch
 
 from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.errors import UserError
+from mftcoder_coba.training.best import metric_value
+from mftcoder_coba.training.trackers import TensorBoardTracker, Tracker, scalars
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +94,15 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
 
 
 class MetricsLog:
-    """Writes metrics.jsonl and TensorBoard scalars on rank 0 (a no-op object elsewhere)."""
+    """Writes metrics.jsonl and the trackers' scalars on rank 0 (a no-op object elsewhere).
+
+    ``tensorboard``: open a TensorBoard tracker here; ``trackers``: others already opened (closed with this)."""
 
     def __init__(self, run_dir: Path, tasks: list[str], *, enabled: bool, tensorboard: bool,
-                 resume_step: int | None) -> None:
+                 resume_step: int | None, trackers: list[Tracker] | None = None) -> None:
         self.tasks = tasks
         self.enabled = enabled
-        self.writer = None
+        self.trackers: list[Tracker] = []
         self.path = Path(run_dir) / "metrics.jsonl"
         if not enabled:
             return
@@ -100,16 +110,16 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.file = self.path.open("a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+            self.trackers.append(TensorBoardTracker(Path(run_dir), resume_step))
+        self.trackers.extend(trackers or [])
 
     def write(self, step: int, *, weights: np.ndarray, loss: float | None = None, lr: float | None = None,
               grad_norm: float | None = None, tokens_per_s: float | None = None, mfu: float | None = None,
               train_loss: np.ndarray | None = None, valid_loss: np.ndarray | None = None,
               valid_s: float | None = None, weight_change: float | None = None,
-              diagnostics: dict[str, np.ndarray] | None = None, skipped_steps: int = 0) -> dict[str, Any]:
+              diagnostics: dict[str, np.ndarray] | None = None, skipped_steps: int = 0,
+              eval_loss: np.ndarray | None = None, eval_s: float | None = None,
+              early_stopped: str | None = None) -> dict[str, Any]:
         """Append the line of ``step`` (and its scalars); returns the record."""
         record: dict[str, Any] = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
@@ -126,22 +136,25 @@ class MetricsLog:
             record["skipped_steps"] = skipped_steps
         for name, values in (diagnostics or {}).items():
             record[name] = _named(self.tasks, values)
+        if eval_loss is not None:
+            record["eval_loss"] = _named(self.tasks, eval_loss)
+            for name in ("mean", "worst"):
+                value = metric_value(f"eval.{name}", self.tasks, eval_loss, None)
+                record[f"eval_{name}"] = value if value is not None and math.isfinite(value) else None
+            record["eval_s"] = eval_s
+        if early_stopped is not None:
+            record["early_stopped"] = early_stopped
         if not self.enabled:
             return record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "weight_change"):
-                if record.get(key) is not None:
-                    self.writer.add_scalar(key, record[key], step)
-            for group in ("train_loss", "weights", "valid_loss", *(diagnostics or {})):
-                for task, value in record.get(group, {}).items():
-                    if value is not None:
-                        self.writer.add_scalar(f"{group}/{task}", value, step)
+        values = scalars(record)
+        for tracker in self.trackers:
+            tracker.log(values, step)
         return record
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            if self.writer is not None:
-                self.writer.close()
+            for tracker in self.trackers:
+                tracker.close()

@@ -2,8 +2,13 @@
 
 Order matters only for the message the user sees first: shards (their checksums too, see
 :mod:`~mftcoder_coba.training.verified`), then balancer (and held-out rows for every task it measures), then
-model/vocabulary, then batch shape against the world size, then the resume request (its checkpoint must hold
-the same tasks). Each failure is one ``ConfigError`` line naming the field.
+the ``eval:`` split and the metrics ``keep_best`` / ``early_stopping`` watch, then the trackers' packages,
+then model/vocabulary, then batch shape against the world size, then the resume request (its checkpoint must
+hold the same tasks). Each failure is one ``ConfigError`` line naming the field.
+
+The eval split must come from the same tokenizer (vocabulary size and, where both manifests record them, the
+tokenizer files' hashes) and ``seq_len`` as the training split, and its tasks must be training tasks; a subset
+is allowed (a test set of some tasks), since each row is scored as the training task of its name.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from mftcoder_coba.config_io import check
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import check_model
-from mftcoder_coba.training import checkpoint, ds_config, verified
+from mftcoder_coba.training import checkpoint, ds_config, trackers, verified
+from mftcoder_coba.training.best import check_metric_tasks
+from mftcoder_coba.training.eval_split import EvalSplit
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Plan:
     zero_stage: int
     resume_from: Path | None
     tokenizer_files: list[Path]
+    eval: EvalSplit | None = None
 
 
 def _open_split(path: Path, field: str) -> PackedDataset:
@@ -85,6 +93,13 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
               f"task(s) {', '.join(unmeasured)} have no held-out rows, so balancer '{cfg.balancer.name}' cannot "
               "measure them; prepare the data again holding records out of every task (prep "
               "--valid-samples-per-task N, or a --valid-fraction that leaves each task at least one record)")
+    eval_split = _eval_split(cfg, train)
+    _check_watched_metrics(cfg, train.tasks, eval_split)
+    for name in cfg.train.trackers:
+        missing = trackers.missing_package(name)
+        check(missing is None, "train.report_to",
+              f"{name!r} needs the {missing} package, which is not installed: pip install 'mftcoder-coba[{name}]' "
+              f"(or drop {name} from train.report_to)")
     check_model(cfg.model, train.vocab_size)
     if cfg.model.adapter == "cgc_lora":  # the clusters name the shards' tasks; the rank budget covers their experts
         cgc = cfg.model.cgc_lora
@@ -112,4 +127,38 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
         check(saved.get("tasks") == train.tasks, "data.train",
               f"tasks {train.tasks} differ from those of checkpoint {resume_from} ({saved.get('tasks')})")
     return Plan(train=train, valid=valid, balancer=balancer, zero_stage=stage, resume_from=resume_from,
-                tokenizer_files=tokenizer_files)
+                tokenizer_files=tokenizer_files, eval=eval_split)
+
+
+def _eval_split(cfg: RunConfig, train: PackedDataset) -> EvalSplit | None:
+    if cfg.eval.data is None:
+        return None
+    split = _open_split(cfg.eval.data, "eval.data")
+    check(split.vocab_size == train.vocab_size and split.seq_len == train.seq_len, "eval.data",
+          f"{cfg.eval.data} was prepared with another tokenizer or sequence length than data.train "
+          f"(vocab {split.vocab_size} vs {train.vocab_size}, seq_len {split.seq_len} vs {train.seq_len})")
+    ours, theirs = split.manifest["tokenizer"].get("files"), train.manifest["tokenizer"].get("files")
+    check(not (isinstance(ours, dict) and isinstance(theirs, dict)) or ours == theirs, "eval.data",
+          f"{cfg.eval.data} was prepared with other tokenizer files than data.train (their sha256 differ)")
+    unknown = [task for task in split.tasks if task not in train.tasks]
+    check(not unknown, "eval.data", f"task(s) {', '.join(unknown)} of {cfg.eval.data} are not training tasks "
+          f"({', '.join(train.tasks)}); the model has no task id for them")
+    check(len(split) > 0, "eval.data", f"{cfg.eval.data} holds no rows")
+    return EvalSplit(split, train.tasks)
+
+
+def _check_watched_metrics(cfg: RunConfig, tasks: list[str], eval_split: EvalSplit | None) -> None:
+    """``train.keep_best`` and ``train.early_stopping.metric`` name tasks that their split measures."""
+    watched = [("train.keep_best", cfg.train.keep_best)]
+    if cfg.train.early_stopping is not None:
+        watched.append(("train.early_stopping.metric", cfg.train.early_stopping.metric))
+    for field, metric in watched:
+        if metric is None:
+            continue
+        problem = check_metric_tasks(metric, field, tasks)
+        if problem is not None:
+            raise ConfigError(problem)
+        source, _, name = metric.partition(".")
+        if source == "eval" and name not in ("mean", "worst"):
+            check(name in eval_split.dataset.tasks and eval_split.dataset.task_rows(name).size > 0, field,
+                  f"{metric!r}: {cfg.eval.data} has no rows of task {name!r}")

@@ -10,7 +10,10 @@ The trainer composes; the pieces hold the algorithms. One optimizer step ``s``:
    (clipping, AdamW, LR schedule);
 4. per-task training sums all-reduced -> train losses; balancer observations as its ``Needs`` say (held-out
    sample every ``update_interval`` steps, post-step re-evaluation, head gradient norms);
-5. metrics line, checkpoint every ``save_every`` steps and at the end.
+5. the ``eval:`` split scored in full every ``eval.every`` steps and after the last (:mod:`eval_split`); the
+   watched metrics of ``train.keep_best`` and ``train.early_stopping`` judged (:mod:`best`);
+6. metrics line (and trackers, :mod:`trackers`), checkpoint every ``save_every`` steps, at every new best, at
+   the end and when early stopping ends the run.
 
 Before the first step: every check of :mod:`preflight` (shard checksums included), then rank 0 locks the run
 directory (:mod:`run_lock`) before writing anything in it. Non-finite losses, gradient norms and weights stop
@@ -37,12 +40,14 @@ from mftcoder_coba.atomic import mark_output
 from mftcoder_coba.config import RunConfig
 from mftcoder_coba.models import build_model, save_base_model
 from mftcoder_coba.training import checkpoint, distributed, divergence, ds_config, preflight, run_lock, threads
+from mftcoder_coba.training.best import MetricWatch, metric_value, write_best
 from mftcoder_coba.training.divergence import TrainingDiverged
 from mftcoder_coba.training.head_grads import HeadGradNorms
 from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, peak_flops
 from mftcoder_coba.training.objective import (TaskLoss, accumulate_gradients, loss_token_counts,
                                               objective_value, per_task_mean)
 from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutSample
+from mftcoder_coba.training.trackers import open_trackers
 from mftcoder_coba.training.validation import evaluate_per_task
 
 log = logging.getLogger(__name__)
@@ -134,6 +139,12 @@ class _Trainer:
         self.held_out = (HeldOutSample(plan.valid, cfg.train.seed, b.held_out, b.valid_rows_per_task,
                                        b.initial_rows_per_task) if plan.valid is not None else None)
         self.update_weights = self.balancer.weights()  # after the latest update: its L1 change is logged
+        t = cfg.train
+        self.keep_best = MetricWatch(t.keep_best) if t.keep_best else None
+        self.early = MetricWatch(t.early_stopping.metric, t.early_stopping.min_delta) if t.early_stopping else None
+        self.new_best = False  # this step measured a new best of train.keep_best
+        self.stop_reason: str | None = None  # set when train.early_stopping ends the run
+        tracker_ids = None
         if plan.resume_from is not None:
             state = checkpoint.load(self.engine, plan.resume_from, world)
             self.step = int(state["step"])
@@ -144,16 +155,41 @@ class _Trainer:
             if self.held_out is not None:
                 self.held_out.load_state_dict(state.get("held_out"))
             self.update_weights = np.array(state.get("update_weights") or self.balancer.weights(), dtype=np.float64)
+            self._resume_watches(state)
+            tracker_ids = state.get("trackers")
             log.info("resumed from %s (step %d)", plan.resume_from, self.step)
         self.batches = GlobalBatches(plan.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      world.rank, world.size, cfg.train.seed, position)
         self.head_grads = (HeadGradNorms(self.model, self.num_tasks, self.impl)
                            if self.balancer.needs.grad_norms else None)
-        self.metrics = MetricsLog(cfg.run_dir, self.tasks, enabled=world.is_main, tensorboard=cfg.train.tensorboard,
-                                  resume_step=self.step if plan.resume_from is not None else None)
+        resume_step = self.step if plan.resume_from is not None else None
+        others = [name for name in t.trackers if name != "tensorboard"]
+        self.metrics = MetricsLog(cfg.run_dir, self.tasks, enabled=world.is_main,
+                                  tensorboard="tensorboard" in t.trackers, resume_step=resume_step,
+                                  trackers=open_trackers(others, cfg.run_dir, config_io.to_dict(cfg), tracker_ids,
+                                                         resume_step) if world.is_main else None)
         peak = peak_flops(world.device)
         self.flops_per_token = flops_per_token(self.model, plan.train.seq_len) if peak else None
         self.peak = peak
+
+    def _resume_watches(self, state: dict) -> None:
+        """keep_best / early stopping as the checkpoint left them (fresh when it watched another metric), and
+        ``best.json`` naming the best checkpoint again (a run killed between publishing it and the record)."""
+        t = self.cfg.train
+        if self.keep_best is not None:
+            self.keep_best = MetricWatch.resumed(t.keep_best, 0.0, state.get("keep_best"))
+            best = self.keep_best.best_step
+            if best is not None and self.world.is_main:
+                path = checkpoint.checkpoints_dir(self.cfg.run_dir) / f"step-{best:08d}"
+                if path.is_dir():
+                    write_best(self.cfg.run_dir, self.keep_best, path)
+                else:
+                    log.warning("the best checkpoint %s (train.keep_best) is gone; the next best measured replaces it",
+                                path)
+        if self.early is not None:
+            self.early = MetricWatch.resumed(t.early_stopping.metric, t.early_stopping.min_delta,
+                                             state.get("early_stopping"))
+            self.stop_reason = self._stop_reason()
 
     # --- measurements -------------------------------------------------------------------------------
     def _held_out_losses(self, rows: np.ndarray) -> np.ndarray:
@@ -223,6 +259,13 @@ class _Trainer:
             post_sums, post_counts = evaluate_per_task(self.model, self.plan.train, global_rows,
                                                        self.cfg.train.micro_batch_size, impl=self.impl)
             self.balancer.observe_post_step(step, per_task_mean(post_sums, post_counts))
+        evaluated = eval_s = None
+        if self._eval_due(step):
+            eval_start = time.perf_counter()
+            micro = self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size
+            evaluated = self.plan.eval.losses(self.model, micro, self.impl)
+            eval_s = time.perf_counter() - eval_start
+        self._judge(step, evaluated, valid)
         weight_change = diagnostics = None
         if step % self.cfg.balancer.update_interval == 0:
             updated = self.balancer.weights()
@@ -237,12 +280,40 @@ class _Trainer:
                                     grad_norm=grad_norm if problem is None else None, tokens_per_s=tokens_per_s,
                                     mfu=mfu, train_loss=train_losses, valid_loss=valid, valid_s=valid_s,
                                     weight_change=weight_change, diagnostics=diagnostics,
-                                    skipped_steps=self.skipped_steps)
+                                    skipped_steps=self.skipped_steps, eval_loss=evaluated, eval_s=eval_s,
+                                    early_stopped=self.stop_reason)
         if problem is None and self.world.is_main and (step % self.cfg.train.log_every == 0
                                                        or step == self.cfg.train.max_steps):
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f weights %s", step,
                      self.cfg.train.max_steps, record["loss"], lr, grad_norm, tokens_per_s,
                      " ".join(f"{t}={w:.3f}" for t, w in record["weights"].items()))
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every
+        return self.plan.eval is not None and (step == self.cfg.train.max_steps or (every > 0 and step % every == 0))
+
+    def _judge(self, step: int, evaluated: np.ndarray | None, valid: np.ndarray | None) -> None:
+        """Feed this step's measurements to keep_best and early stopping (every rank: the values are all-reduced,
+        so all ranks decide alike and save together)."""
+        self.new_best = False
+        if self.keep_best is not None:
+            value = metric_value(self.keep_best.metric, self.tasks, evaluated, valid)
+            if value is not None:
+                self.new_best = self.keep_best.observe(step, value)
+        if self.early is not None:
+            value = metric_value(self.early.metric, self.tasks, evaluated, valid)
+            if value is not None:
+                self.early.observe(step, value)
+                self.stop_reason = self._stop_reason()
+
+    def _stop_reason(self) -> str | None:
+        """Why early stopping ends the run now, or None (never at or after max_steps: that is the plain end)."""
+        es = self.cfg.train.early_stopping
+        if self.early.since_best < es.patience or self.step >= self.cfg.train.max_steps:
+            return None
+        best = "no finite value" if self.early.best is None else f"{self.early.best:.6g} (step {self.early.best_step})"
+        return (f"{es.metric} has not improved on {best} by more than min_delta {es.min_delta:g} for "
+                f"{self.early.since_best} measurements (patience {es.patience})")
 
     def _non_finite(self, step: int, problem: str) -> None:
         """Stop (``train.nonfinite: stop``, or too many consecutive skips) or count a skipped step."""
@@ -287,23 +358,36 @@ class _Trainer:
             "tasks": self.tasks,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
+            "keep_best": None if self.keep_best is None else self.keep_best.state_dict(),
+            "early_stopping": None if self.early is None else self.early.state_dict(),
+            "early_stopped": self.stop_reason,
+            "trackers": {tracker.name: tracker.run_id for tracker in self.metrics.trackers if tracker.run_id},
         }
         path = checkpoint.save(self.engine, self.cfg.run_dir, self.step, state, self.world,
-                               self.cfg.train.keep_last, consolidated)
+                               self.cfg.train.keep_last, consolidated, best=self.keep_best)
         log.info("checkpoint %s", path)
 
     def run(self) -> None:
         t = self.cfg.train
         if self.step == 0:
             self._initial_reference()
+        if self.stop_reason is not None:  # resumed from the checkpoint written when early stopping ended the run
+            log.info("the run stopped early at step %d (%s); nothing to do", self.step, self.stop_reason)
+            return
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.world.is_main, desc="train",
                    unit="step", dynamic_ncols=True)
         with bar:
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and self.stop_reason is None:
                 self._train_step()
                 bar.update(1)
-                if (t.save_every and self.step % t.save_every == 0) or (t.save_final and self.step == t.max_steps):
+                last = self.step == t.max_steps or self.stop_reason is not None
+                if (t.save_every and self.step % t.save_every == 0) or (t.save_final and last) or self.new_best:
                     self._save()
+        if self.stop_reason is not None and self.world.is_main:
+            log.info("early stopping at step %d: %s", self.step, self.stop_reason)
+        if self.keep_best is not None and self.keep_best.best_step is not None and self.world.is_main:
+            log.info("best checkpoint: step %d, %s %.6g (checkpoints/best.json)", self.keep_best.best_step,
+                     self.keep_best.metric, self.keep_best.best)
 
     def close(self) -> None:
         self.metrics.close()
