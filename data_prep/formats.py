@@ -447,7 +447,8 @@ def resolve_sources(task: str, path: Path) -> list[Source]:
     if path.is_file():
         if reader_for(path) is None:
             raise UserError(f"{path}: task '{task}': not a record file: expected {supported_suffixes()} (any "
-                            "case), a directory of them, a datasets save_to_disk directory, or hf:ORG/DATASET[:CONFIG][@SPLIT]")
+                            "case), a directory of them, a datasets save_to_disk directory, or "
+                            "hf:ORG/DATASET[:CONFIG][@SPLIT]")
         return [Source(path)]
     if _is_dataset_dir(path):
         return _dataset_sources(path)

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cuts the oldest context (earlier turns first), drop drops them (all counted)")
     parser.add_argument("--fim", action="append", metavar="NAME=RATE[,SPM_RATE]",
                         help="rewrite RATE of the task's samples into fill-in-the-middle form with the tokenizer's FIM "
-                             "tokens (SPM_RATE of those in SPM order, the rest PSM); the loss covers the middle and EOS")
+                             "tokens (SPM_RATE of those in SPM order, the rest PSM); the loss covers the middle and "
+                             "EOS")
     parser.add_argument("--mix", action="append", metavar="NAME=FACTOR",
                         help="use each training sample of the task FACTOR times (2: twice, 0.5: a seeded half, 1.5: "
                              "once plus a seeded half); held-out samples are chosen first and used once")

@@ -37,7 +37,8 @@ def _loss_runs(tokenizer, record: dict, template: str = "auto") -> tuple[list[st
     text, spans = Renderer(tokenizer, template).render(normalise(record, "t.jsonl:1"))
     ids, mask = Encoder(tokenizer).encode([text], [spans])[0]
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
-    return [tokenizer.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])], tokenizer.decode(ids.tolist())
+    runs = [tokenizer.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    return runs, tokenizer.decode(ids.tolist())
 
 
 def _opts(tasks, out, **kw) -> PrepOptions:
@@ -67,7 +68,8 @@ def test_openai_messages_with_system_and_a_context_only_turn(tokenizer):
     flagged = json.loads(json.dumps(MESSAGES))
     del flagged["messages"][2]["train"]
     flagged["messages"][4]["weight"] = 1
-    assert _loss_runs(tokenizer, flagged)[0] == ["def add(a, b): return a + b" + EOS, "def sub(a, b): return a - b" + EOS]
+    assert _loss_runs(tokenizer, flagged)[0] == ["def add(a, b): return a + b" + EOS,
+                                                 "def sub(a, b): return a - b" + EOS]
 
 
 def test_sharegpt_conversations_with_weight_zero_and_trailing_context_dropped(tokenizer):
@@ -227,7 +229,8 @@ def test_arrow_stream_files_and_broken_tables_are_one_line_errors(tmp_path):
         prepare(_opts({"t": broken}, tmp_path / "out"))
     assert "\n" not in str(caught.value)
     bad_row = tmp_path / "bad.parquet"
-    write_table(bad_row, [{"prompt": "q", "answer": "a"}, {"prompt": "q", "answer": " "}, {"prompt": "q", "answer": "a"}])
+    write_table(bad_row, [{"prompt": "q", "answer": "a"}, {"prompt": "q", "answer": " "},
+                          {"prompt": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"bad\.parquet:2: field 'answer' is empty"):
         prepare(_opts({"t": bad_row}, tmp_path / "out"))
 

@@ -111,7 +111,8 @@ def test_truncate_left_keeps_the_answer_and_is_counted(tmp_path, tokenizer):
     records.append({"prompt": "hi", "answer": "there"})  # fits: the right-truncated run keeps a training row
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    common = dict(tasks={"t": data}, tokenizer=TOKENIZER_DIR, seq_len=64, valid_samples_per_task=0, progress=False)
+    common = {"tasks": {"t": data}, "tokenizer": TOKENIZER_DIR, "seq_len": 64, "valid_samples_per_task": 0,
+              "progress": False}
     left = prepare(PrepOptions(out=tmp_path / "left", overlong="truncate-left", **common))
     right = prepare(PrepOptions(out=tmp_path / "right", **common))
     assert left["task_stats"]["t"]["truncated"] == 7 and not left["task_stats"]["t"]["dropped"]
