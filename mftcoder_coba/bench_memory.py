@@ -241,8 +241,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/train"),
-                        help="folder for memory_<device>.json / .md (default: benchmarks/train)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"),
+                        help="folder for memory_<device>.json / .md (default: ./bench_results; the repository keeps its committed results in benchmarks/train)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens in the measured row (default 1024)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (tests; seconds)")
 

@@ -95,8 +95,8 @@ def workload(tiny: bool, on_cuda: bool) -> Workload:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/train"),
-                        help="folder for <device>.json and <device>.md (default: benchmarks/train)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"),
+                        help="folder for <device>.json and <device>.md (default: ./bench_results; the repository keeps its committed results in benchmarks/train)")
     parser.add_argument("--tiny", action="store_true", help="small model, CPU friendly (smoke test)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps per mode (default 2)")

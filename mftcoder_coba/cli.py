@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Append ``(default: X)`` to an option's help when it has a real default and the help does not already say
+    one (argparse's own ArgumentDefaultsHelpFormatter repeats hand-written defaults and prints 'None')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, [], "")
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def configure_logging(level: str, *, all_ranks: bool = False) -> None:
     """Log at ``level`` on rank 0 (``RANK`` from the launcher; 0 in a plain process) and warnings only on the other
     ranks, so a multi-rank run prints each line once; ``all_ranks`` logs everywhere, each line tagged with its rank."""
@@ -72,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, help_text = COMMANDS[top.command]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mftcoder-coba {top.command}", description=help_text,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_DefaultsHelp)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
