@@ -4,7 +4,9 @@ The run is one stream: records of all tasks are interleaved in proportion to eac
 mix tasks and no task clusters at the end), rendered and tokenised in batches (in this process or in
 ``workers`` processes, results consumed in submission order so the output never depends on timing),
 packed best-fit and written shard by shard. Held-out records are chosen per task by index from the seed
-before the stream starts and packed per task, so every validation row holds one task.
+before the stream starts and packed per task, so every validation row holds one task. ``--mix`` repeats or
+subsamples a task's training records (:mod:`mix`) and ``--fim`` rewrites a seeded share of its samples
+(:mod:`fim`), both decided per record index in this process, so the output never depends on the workers.
 
 Everything is written into a hidden temporary directory beside OUT and renamed into place only after the
 last manifest is written: a killed or failed run never leaves an OUT that looks complete, and an existing
@@ -363,6 +365,7 @@ def _held_out(name: str, records: int, opts: PrepOptions) -> np.ndarray:
 def _exposures(task: _Task) -> Iterator[Exposure]:
     """The task's records as the mix takes them: pass by pass over its inputs (one pass without --mix)."""
     plan = task.mix
+    plain = plan.plain
     for copy in range(plan.passes):
         index = 0
         for source in task.sources:
@@ -370,7 +373,7 @@ def _exposures(task: _Task) -> Iterator[Exposure]:
             for line, column, raw in iter_raw(source):
                 if index == task.records:
                     raise UserError(f"task '{task.name}': its files changed while being read (more records)")
-                if plan.plain or plan.takes(index, copy):
+                if plain or plan.takes(index, copy):
                     yield index, copy, (label, line, column, raw)
                 index += 1
         if index != task.records:
