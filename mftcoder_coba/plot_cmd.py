@@ -3,7 +3,9 @@
 Writes PNGs to ``RUN_DIR/plots`` (or ``--out``): held-out loss per task and task weight per task over the
 optimizer steps, the training loss (total and per task) and, for CoBa, the standard error of each task's
 slope fit (when it is as large as the gaps between the slopes, the weights follow observation noise: raise
-``balancer.valid_rows_per_task`` or use ``balancer.held_out: fixed``), from ``metrics.jsonl``; and, for a ColD Fusion
+``balancer.valid_rows_per_task`` or use ``balancer.held_out: fixed``) and the ``eval:`` split's loss per task (with
+its mean over tasks dashed), from ``metrics.jsonl``; pass@k per checkpoint step of each benchmark from
+``eval_code.jsonl`` (``eval-code RUN_DIR --all-checkpoints``); and, for a ColD Fusion
 run, the fused model's held-out loss per task over the iterations from ``fusion_metrics.jsonl``. Rendering
 uses matplotlib's Agg canvas (no display needed); each PNG is written to a temporary name and renamed.
 """
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 FUSION_METRICS = "fusion_metrics.jsonl"
+EVAL_CODE = "eval_code.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +46,10 @@ PLOTS = {
     "train_loss": ("train_loss.png", "training loss per task (weighted objective dashed)", "training loss"),
     "slope_se": ("slope_se.png", "CoBa: standard error of each task's slope fit (per update)",
                  "slope standard error (loss ratio per step)"),
+    "eval_loss": ("eval_loss.png", "eval split loss per task (mean over tasks dashed)", "eval loss"),
 }
+TOTALS = {"train_loss": ("loss", "objective"), "eval_loss": ("eval_mean", "mean over tasks")}
+"""Per-task plots that also draw one line-level number (field, legend label), on the lines that carry the tasks."""
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -60,11 +66,16 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             steps, series = per_task_series(records, "step", field, metrics)
             if steps:
                 total = None
-                if field == "train_loss":
-                    total = ([float(r["step"]) for r in records], [_number(r.get("loss")) for r in records])
+                if field in TOTALS:
+                    key, label = TOTALS[field]
+                    lines = records if field == "train_loss" else [r for r in records if r.get(field) is not None]
+                    total = ([float(r["step"]) for r in lines], [_number(r.get(key)) for r in lines], label)
                 figures.append((name, _per_task_figure(steps, series, title, "optimizer step", ylabel, total)))
         if not figures:
             raise UserError(f"{metrics}: no line has per-task 'valid_loss', 'weights' or 'train_loss'")
+    eval_code = run_dir / EVAL_CODE
+    if eval_code.is_file():
+        figures.append(("pass_at_k.png", _pass_at_k_figure(eval_code)))
     if fusion.is_file():
         records = read_jsonl(fusion, required={"iteration": "number", "valid_loss": "mapping"})
         iterations, series = per_task_series(records, "iteration", "valid_loss", fusion)
@@ -136,8 +147,41 @@ def per_task_series(records: list[dict[str, Any]], x: str, field: str,
     return [float(record[x]) for record in lines], series
 
 
+def pass_at_k_series(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """``"benchmark pass@k" -> (steps, values)`` from an ``eval_code.jsonl`` (one line per step and benchmark)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for record in sorted(read_jsonl(path, required={"step": "number"}), key=lambda r: r["step"]):
+        for key, value in record.items():
+            if key.startswith("pass@"):
+                if not _is_number(value):
+                    raise UserError(f"{path}:{record['_line']}: field '{key}' must be a number, got {value!r}")
+                steps, values = series.setdefault(f"{record.get('benchmark', '?')} {key}", ([], []))
+                steps.append(float(record["step"]))
+                values.append(float(value))
+    if not series:
+        raise UserError(f"{path}: no line has a pass@k value")
+    return series
+
+
+def _pass_at_k_figure(path: Path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for label, (steps, values) in pass_at_k_series(path).items():
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_title("pass@k per checkpoint (eval-code --all-checkpoints)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def _per_task_figure(x: list[float], series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
-                     total: tuple[list[float], list[float]] | None = None):
+                     total: tuple[list[float], list[float], str] | None = None):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.5), dpi=110)
@@ -145,7 +189,7 @@ def _per_task_figure(x: list[float], series: dict[str, list[float]], title: str,
     for task, values in series.items():
         ax.plot(x, values, marker="o" if len(x) <= 30 else None, markersize=3, label=task)
     if total is not None:
-        ax.plot(total[0], total[1], color="black", linestyle="--", linewidth=1.2, label="objective")
+        ax.plot(total[0], total[1], color="black", linestyle="--", linewidth=1.2, label=total[2])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
