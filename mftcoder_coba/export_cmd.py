@@ -3,7 +3,7 @@
 Full fine-tuning and LoRA/QLoRA runs give one model directory (LoRA merged into the weights) with the
 run's tokenizer, which ``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``
 load without this package. CGC-LoRA runs give the "1+N" layout (the base plus one peft LoRA adapter per task,
-see :func:`mftcoder_coba.models.cgc_lora.export_task_adapters`). The output is written under a temporary
+see :func:`mftcoder_coba.models.cgc_export.export_task_adapters`). The output is written under a temporary
 name beside DIR and renamed when complete; an existing DIR is replaced only with ``--overwrite``, only when
 it is an export (marked as one, or an export made before markers), never the run or anything inside it,
 and only after the new export is whole. The checkpoint is checked against its ``files.json`` first.
@@ -23,7 +23,8 @@ from torch import nn
 from mftcoder_coba.atomic import atomic_directory, check_replaceable, mark_output
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.models import causal_lm, load_trained
-from mftcoder_coba.models.cgc_lora import cgc_layers, export_task_adapters
+from mftcoder_coba.models.cgc_export import export_task_adapters
+from mftcoder_coba.models.cgc_lora import cgc_layers
 from mftcoder_coba.models.persist import model_dir_of
 from mftcoder_coba.training.best import read_best
 

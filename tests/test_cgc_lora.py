@@ -18,12 +18,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mftcoder_coba.atomic import mark_output
 from mftcoder_coba.config_io import build
 from mftcoder_coba.errors import ConfigError, UserError
+from mftcoder_coba.models.cgc_config import CgcLoraConfig
+from mftcoder_coba.models.cgc_export import export_task_adapters
 from mftcoder_coba.models.cgc_lora import (
-    CgcLoraConfig,
     apply_cgc_lora,
     cgc_layers,
     cgc_state_dict,
-    export_task_adapters,
     load_cgc,
     load_cgc_config,
     save_cgc,

@@ -1,18 +1,11 @@
-"""CGC-LoRA: task-common and task-specific LoRA experts mixed by a task-motivated gate.
+"""CGC-LoRA layers: task-common and task-specific LoRA experts mixed by a task-motivated gate, applied to a
+model, plus saving and loading their parameters.
 
-Song et al. 2024 ("1+N multi-task fine-tuning", arXiv 2402.01684) adapt one frozen base model to many tasks
-at once. The tasks are grouped into N task *clusters* (by prior knowledge or task affinity; the paper's N
-counts clusters, not tasks). Every targeted linear layer gets ``C`` LoRA experts shared by all tasks and
-``S`` experts owned by each cluster; a token of a task in cluster ``k`` uses the common experts plus
-cluster ``k``'s own experts, mixed by a gate whose input is the cluster (a learned cluster embedding through
-a linear map and a softmax), not the hidden state. Because the gate depends only on the cluster, the mixture
-is a constant per cluster and folds into one plain LoRA adapter per cluster: the "1+N" export (one base
-model plus N adapters) that peft loads. Without a ``clusters`` mapping every task is its own cluster (N =
-number of tasks), the reading in which the paper's clusters are single tasks.
-
-A task sees only C + S of the C + N*S experts of a layer, so its adapter's rank (the *effective rank*, the
-sum of those experts' ranks) is well below ``rank_budget`` when N is large; it is logged when the model is
-built and written to ``export.json``.
+Every targeted linear layer gets the common experts and each task cluster's own experts
+(:class:`~mftcoder_coba.models.cgc_config.CgcLoraConfig` holds the layout and explains the parameter
+budget). The gate's input is the cluster (a learned cluster embedding through a linear map and a softmax),
+not the hidden state, so the mixture is a constant per cluster and folds into one plain LoRA adapter per
+cluster: the "1+N" export of :mod:`mftcoder_coba.models.cgc_export`.
 """
 from __future__ import annotations
 
@@ -20,150 +13,24 @@ import contextlib
 import json
 import logging
 import math
-import re
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mftcoder_coba.atomic import atomic_directory, check_replaceable, mark_output
-from mftcoder_coba.config_io import build, check, to_dict
+from mftcoder_coba.config_io import build, to_dict
 from mftcoder_coba.errors import UserError
+from mftcoder_coba.models.cgc_config import CgcLoraConfig, rank_summary
 
 logger = logging.getLogger(__name__)
 
-_FIELD = "model.cgc_lora."
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-EXPORT_KIND = "export"
-"""The :func:`~mftcoder_coba.atomic.mark_output` kind of an export directory (``--overwrite`` replaces only those)."""
 
-
-@dataclass
-class CgcLoraConfig:
-    """Expert layout, ranks and gate of CGC-LoRA (``model.cgc_lora`` in a run config).
-
-    Parameter parity with plain LoRA: a plain LoRA of rank ``R`` on a linear layer ``in -> out`` trains
-    ``R * (in + out)`` parameters. CGC-LoRA with ``N`` task clusters has ``E = C + N * S`` experts; with
-    ``expert_rank`` unset the budget ``R = rank_budget`` is split over them as evenly as possible
-    (ranks differ by at most one, the common experts take the remainder first), so the experts' A and B
-    matrices hold exactly ``R * (in + out)`` parameters, the same as plain LoRA of rank ``R``. The gate
-    adds ``N * d + (C + S) * (d + 1)`` parameters per layer (``d = task_embedding_dim``), a few thousand,
-    negligible next to the experts. Setting ``expert_rank`` gives every expert that rank instead
-    (``E * expert_rank * (in + out)`` parameters).
-
-    Effective rank: a task uses only the C common experts and its cluster's S experts, so its update has
-    rank ``r_t`` = the sum of those C + S ranks, about ``R * (C + S) / E`` (R = 16, C = 2, S = 1 and 8
-    clusters: 5 or 6, not 16). Clustering related tasks (fewer, larger clusters) raises it at the same R.
-    """
-
-    num_common_experts: int = 2
-    """C: LoRA experts shared by all tasks (the task-common knowledge)."""
-    num_task_experts: int = 1
-    """S: LoRA experts owned by each task; a token of task t never uses another task's experts."""
-    rank_budget: int = 16
-    """R: total rank over all experts of a layer, matching a plain LoRA of rank R in trainable parameters.
-    Must be at least the number of experts C + N*S (every expert needs rank >= 1)."""
-    expert_rank: int | None = None
-    """Rank of every expert; when set it replaces the even split of ``rank_budget``."""
-    alpha: float = 16.0
-    """LoRA alpha: expert e's update is scaled by alpha / rank_e (the peft convention, per expert)."""
-    dropout: float = 0.05
-    """Dropout on the layer input before the experts' A matrices (training only)."""
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    """Names of the nn.Linear modules to adapt; a module matches when its dotted name equals an entry or
-    ends with ``.entry`` (the peft rule, so exported adapters target exactly the same layers)."""
-    task_embedding_dim: int = 16
-    """d: size of the learned cluster embedding that feeds each layer's gate."""
-    clusters: dict[str, str] | None = None
-    """Task name -> task-cluster name. The paper's N counts task clusters (tasks grouped by prior knowledge
-    or affinity): each cluster owns S experts and one gate input, every task of a cluster uses them, and the
-    "1+N" export writes one adapter per cluster (``adapters/<cluster>/``). Every task of the data must be
-    named, and only those (checked against the shards at the start of a run). Default (null): one cluster
-    per task, named after the task."""
-    scaling: Literal["expert", "total"] = "expert"
-    """How an expert's update ``B_e A_e`` is scaled. ``expert``: by alpha / r_e, its own rank (peft's
-    convention applied to each expert alone). ``total``: by alpha / R with R the total rank of the layer's
-    experts (``rank_budget``, or E * ``expert_rank``), as MOELoRA does (its experts are slices of one rank-R
-    LoRA). ``expert`` is larger by the factor R / r_e, about the number of experts E; with Adam that acts
-    like an E times larger learning rate on the update, so ``total`` usually wants a larger ``alpha`` or
-    learning rate."""
-
-    def validate(self) -> None:
-        check(self.num_common_experts >= 0, _FIELD + "num_common_experts", "must be >= 0")
-        check(self.num_task_experts >= 0, _FIELD + "num_task_experts", "must be >= 0")
-        check(self.num_common_experts + self.num_task_experts >= 1, _FIELD + "num_task_experts",
-              "a task needs at least one expert (num_common_experts + num_task_experts >= 1)")
-        check(self.rank_budget >= 1, _FIELD + "rank_budget", "must be >= 1")
-        check(self.expert_rank is None or self.expert_rank >= 1, _FIELD + "expert_rank", "must be >= 1 when set")
-        check(self.alpha > 0, _FIELD + "alpha", "must be > 0")
-        check(0.0 <= self.dropout < 1.0, _FIELD + "dropout", "must be in [0, 1)")
-        check(len(self.target_modules) > 0, _FIELD + "target_modules", "must name at least one module")
-        check(all(isinstance(t, str) and t for t in self.target_modules), _FIELD + "target_modules",
-              "entries must be non-empty module names")
-        check(self.task_embedding_dim >= 1, _FIELD + "task_embedding_dim", "must be >= 1")
-        if self.clusters is not None:
-            check(len(self.clusters) > 0, _FIELD + "clusters", "must map at least one task (or be null)")
-            bad = sorted({c for c in self.clusters.values() if not (isinstance(c, str) and _SAFE_NAME.match(c))})
-            check(not bad, _FIELD + "clusters", f"cluster names {bad} are not usable as directory names "
-                  "(letters, digits, '_', '-', '.')")
-
-    def cluster_layout(self, task_names: Sequence[str]) -> tuple[list[int], list[str]]:
-        """(cluster index of each task, in task-id order; cluster names, in order of their first task).
-
-        With ``clusters`` unset every task is its own cluster. A mapping must name exactly the tasks of the
-        data: unknown or missing tasks are one :class:`ConfigError` naming ``model.cgc_lora.clusters``.
-        """
-        if self.clusters is None:
-            return list(range(len(task_names))), list(task_names)
-        unknown = sorted(set(self.clusters) - set(task_names))
-        missing = [t for t in task_names if t not in self.clusters]
-        problems = ([f"task(s) {', '.join(unknown)} not in the data"] if unknown else []) + \
-                   ([f"no cluster for task(s) {', '.join(missing)}"] if missing else [])
-        check(not problems, _FIELD + "clusters", f"{'; '.join(problems)} (the data's tasks: {', '.join(task_names)})")
-        names = list(dict.fromkeys(self.clusters[t] for t in task_names))
-        return [names.index(self.clusters[t]) for t in task_names], names
-
-    def expert_ranks(self, num_clusters: int) -> list[int]:
-        """Rank of each expert, common experts first, then cluster 0's S experts, cluster 1's, ..."""
-        num_experts = self.num_common_experts + num_clusters * self.num_task_experts
-        if self.expert_rank is not None:
-            return [self.expert_rank] * num_experts
-        check(self.rank_budget >= num_experts, _FIELD + "rank_budget",
-              f"{self.rank_budget} is below the number of experts {num_experts} "
-              f"(num_common_experts + {num_clusters} task clusters * num_task_experts); raise it, "
-              "group tasks into clusters or set expert_rank")
-        base, extra = divmod(self.rank_budget, num_experts)
-        return [base + (1 if e < extra else 0) for e in range(num_experts)]
-
-    def effective_ranks(self, num_clusters: int) -> list[int]:
-        """Per cluster, the rank of the update a task of that cluster gets: the C common experts' ranks plus
-        the cluster's S experts' ranks (the rank of its exported adapter)."""
-        ranks = self.expert_ranks(num_clusters)
-        common, per = self.num_common_experts, self.num_task_experts
-        return [sum(ranks[:common]) + sum(ranks[common + k * per: common + (k + 1) * per])
-                for k in range(num_clusters)]
-
-    def expert_scales(self, ranks: Sequence[int]) -> list[float]:
-        """The factor each expert's ``B_e A_e`` is multiplied by (before its gate weight): alpha / r_e
-        (``scaling: expert``) or alpha / sum(ranks) (``scaling: total``)."""
-        if self.scaling == "total":
-            return [self.alpha / sum(ranks)] * len(ranks)
-        return [self.alpha / r for r in ranks]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Layers
-# ---------------------------------------------------------------------------------------------------------
-
-class _TaskIds:
-    """Per-token task ids shared by every CGC layer of one model (set once per forward, read by each layer),
-    and the model's tasks and clusters.
+class CgcTasks:
+    """The model's tasks and clusters, and the per-token task ids shared by every CGC layer of one model
+    (set once per forward, read by each layer); :func:`cgc_tasks` finds it.
 
     ``index`` holds each token's row of the layers' weight tables: its task's cluster, and row
     ``num_clusters`` for padding (-1), so a layer turns ids into per-token gate weights with one gather.
@@ -204,7 +71,7 @@ class CgcExperts(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, cfg: CgcLoraConfig, num_clusters: int,
-                 ranks: Sequence[int], device: torch.device, dtype: torch.dtype, task_ids: _TaskIds) -> None:
+                 ranks: Sequence[int], device: torch.device, dtype: torch.dtype, task_ids: CgcTasks) -> None:
         super().__init__()
         common, per_task = cfg.num_common_experts, cfg.num_task_experts
         total = sum(ranks)
@@ -320,7 +187,7 @@ def apply_cgc_lora(model: nn.Module, cfg: CgcLoraConfig, num_tasks: int,
     cfg.validate()
     task_cluster, cluster_names = cfg.cluster_layout(task_names)
     ranks = cfg.expert_ranks(len(cluster_names))
-    task_ids = _TaskIds(cfg, task_names, task_cluster, cluster_names)
+    task_ids = CgcTasks(cfg, task_names, task_cluster, cluster_names)
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [(name, m) for name, m in model.named_modules()
@@ -343,28 +210,15 @@ def apply_cgc_lora(model: nn.Module, cfg: CgcLoraConfig, num_tasks: int,
     return model
 
 
-def rank_summary(cfg: CgcLoraConfig, num_clusters: int) -> str:
-    """One line on what a task's adapter is: how many experts it uses and their total (effective) rank."""
-    ranks = cfg.expert_ranks(num_clusters)
-    effective = sorted(set(cfg.effective_ranks(num_clusters)))
-    rank = str(effective[0]) if len(effective) == 1 else f"{effective[0]}-{effective[-1]}"
-    scale = cfg.expert_scales(ranks)
-    scales = sorted({round(s, 6) for s in scale})
-    scale_text = f"alpha/r_e = {scales[0]:g}" + (f"-{scales[-1]:g}" if len(scales) > 1 else "") \
-        if cfg.scaling == "expert" else f"alpha/R = {scales[0]:g}"
-    return (f"each task uses {cfg.num_common_experts}+{cfg.num_task_experts} experts of total rank {rank} "
-            f"(budget {sum(ranks)} over {len(ranks)} experts: {cfg.num_common_experts} common + {num_clusters} "
-            f"clusters x {cfg.num_task_experts}); scaling {cfg.scaling}: {scale_text}")
-
-
-def _task_ids_slot(model: nn.Module) -> _TaskIds:
+def cgc_tasks(model: nn.Module) -> CgcTasks:
+    """The :class:`CgcTasks` all CGC layers of ``model`` share (its config, tasks and clusters)."""
     for m in model.modules():
         if isinstance(m, CgcExperts):
             return m._task_ids
     raise ValueError("the model has no CGC-LoRA layers (apply_cgc_lora was not called)")
 
 
-def _to_index(slot: _TaskIds, task_ids: torch.Tensor | None) -> torch.Tensor | None:
+def _to_index(slot: CgcTasks, task_ids: torch.Tensor | None) -> torch.Tensor | None:
     """Task ids as row indices of the layers' weight tables (each task's cluster; -1 -> the padding row).
 
     The range is checked on CPU tensors; on an accelerator that check would stall the host once per
@@ -391,7 +245,7 @@ def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None) -> None:
     Unlike :func:`task_ids_context`, the ids stay set after the forward returns; gradient checkpointing needs
     that, because it re-runs the layers during backward, after a ``with`` block would have ended.
     """
-    slot = _task_ids_slot(model)
+    slot = cgc_tasks(model)
     slot.index = _to_index(slot, task_ids)
 
 
@@ -402,7 +256,7 @@ def task_ids_context(model: nn.Module, task_ids: torch.Tensor) -> Iterator[None]
     ``task_ids``: long ``(B, L)`` matching the input ids (packed rows may hold several tasks), or ``(B,)``
     for one task per row (generation); -1 marks padding (common experts only, see :class:`CgcExperts`).
     """
-    slot = _task_ids_slot(model)
+    slot = cgc_tasks(model)
     previous = slot.index
     slot.index = _to_index(slot, task_ids)
     try:
@@ -441,7 +295,7 @@ def save_base_model(model: nn.Module, out_dir: str | Path) -> None:
 
 
 def _layout(model: nn.Module) -> dict:
-    slot = _task_ids_slot(model)
+    slot = cgc_tasks(model)
     return {"config": to_dict(slot.cfg), "num_tasks": slot.num_tasks, "task_names": slot.task_names,
             "task_clusters": slot.task_cluster, "clusters": slot.cluster_names,
             "expert_ranks": slot.cfg.expert_ranks(slot.num_clusters), "layers": sorted(cgc_layers(model))}
@@ -498,144 +352,3 @@ def load_cgc(model: nn.Module, in_dir: str | Path) -> nn.Module:
                                 f"{tuple(params[key].shape)}")
             params[key].copy_(value)
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# "1+N" export
-# ---------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def cluster_lora_factors(layer: CgcLoraLinear, cluster: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster ``cluster``'s gated update of one layer as plain LoRA factors ``(A_k, B_k)`` with ``B_k @ A_k``
-    equal to the layer's update for every task of that cluster.
-
-    The gate weights are constants per cluster, so ``sum_e g_e s_e B_e A_e`` (``s_e`` the expert's scale) is
-    one LoRA whose rank is the sum of the ranks of the experts the cluster uses: A_k stacks their A's, B_k
-    their scaled B's.
-    """
-    experts = layer.cgc
-    scales = experts.column_scales()[cluster]
-    columns = torch.isin(experts.column_expert, experts.allowed[cluster]).nonzero().squeeze(1)
-    return experts.lora_A[columns].clone(), experts.lora_B[:, columns] * scales[columns]
-
-
-def _write_adapter(layers: dict[str, CgcLoraLinear], cluster: int, out_dir: Path) -> int:
-    from peft import LoraConfig
-
-    tensors: dict[str, torch.Tensor] = {}
-    rank = 0
-    for name, layer in layers.items():
-        a, b = cluster_lora_factors(layer, cluster)
-        rank = a.shape[0]
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
-    # lora_alpha = r makes peft's scaling 1: the gate weights and expert scales already sit inside B_k.
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        target_modules=sorted(layers))
-    out_dir.mkdir(parents=True)
-    config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return rank
-
-
-def _write_merged(model: nn.Module, layers: dict[str, CgcLoraLinear], cluster: int, out_dir: Path) -> None:
-    state = base_state_dict(model)
-    for name, layer in layers.items():
-        a, b = cluster_lora_factors(layer, cluster)
-        weight = layer.weight
-        delta = (b.to(torch.float64) @ a.to(torch.float64)).to(device=weight.device, dtype=weight.dtype)
-        state[f"{name}.weight"] = weight.detach() + delta
-    model.save_pretrained(str(out_dir), state_dict=state)
-
-
-def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
-    for item in tokenizer_dir.iterdir():
-        if item.is_file():
-            shutil.copy2(item, out_dir / item.name)
-
-
-def _is_export(path: Path) -> bool:
-    """An export made before output markers existed: its ``export.json`` beside ``base/``."""
-    return (path / "export.json").is_file() and (path / "base" / "config.json").is_file()
-
-
-def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequence[str] | None = None,
-                         tokenizer_dir: str | Path | None = None, merged: bool = False, *,
-                         overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
-    """Write the "1+N" form of a CGC-LoRA model: the base once plus one plain peft LoRA adapter per task
-    cluster (per task when every task is its own cluster, the default).
-
-    Layout of ``out_dir`` (written in a temporary sibling directory, renamed when complete)::
-
-        base/                  transformers model dir of the frozen base (+ tokenizer files when given)
-        adapters/<cluster>/    peft LoRA adapter: PeftModel.from_pretrained(base_model, "adapters/<cluster>")
-        merged/<cluster>/      with merged=True: base + that cluster's update, a plain transformers model dir
-        export.json            the rank budget and scaling; per cluster its tasks, effective rank (the
-                               adapter's rank), path and mean gate weight on the common experts; per task
-                               its cluster and that cluster's adapter
-
-    ``task_names`` (task-id order) rename the model's tasks (and, with one cluster per task, the clusters).
-    ``out_dir`` must not be, hold or lie inside one of ``inputs`` (e.g. the run directory exported from)
-    or any run directory; an existing one is replaced only with ``overwrite``, only when it is an earlier
-    export, and only once the new one is whole (:func:`mftcoder_coba.atomic.check_replaceable`).
-
-    Each adapter reproduces the gated model for the tasks of its cluster exactly (up to floating point):
-    see :func:`cluster_lora_factors`.
-    """
-    out_dir = Path(out_dir)
-    slot = _task_ids_slot(model)
-    layers = cgc_layers(model)
-    names = slot.task_names if task_names is None else list(task_names)
-    if len(names) != slot.num_tasks:
-        raise UserError(f"export: {len(names)} task names given for a model with {slot.num_tasks} tasks")
-    if len(set(names)) != len(names):
-        raise UserError(f"export: task names must be unique, got {names}")
-    if slot.cfg.clusters is not None and names != slot.task_names:
-        raise UserError(f"export: task names {names} differ from the model's {slot.task_names}, which "
-                        "model.cgc_lora.clusters groups")
-    clusters = slot.cluster_names if slot.cfg.clusters is not None else names
-    for name in clusters:
-        if not _SAFE_NAME.match(name):
-            raise UserError(f"export: cluster name {name!r} is not usable as a directory name")
-    check_replaceable(out_dir, overwrite=overwrite, kind=EXPORT_KIND, inputs=inputs, owned=_is_export)
-    tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    if tokenizer is not None and not tokenizer.is_dir():
-        raise UserError(f"{tokenizer}: tokenizer directory not found")
-    cfg = slot.cfg
-    ranks = cfg.expert_ranks(slot.num_clusters)
-    summary = {"base": "base", "rank_budget": sum(ranks), "num_experts": len(ranks),
-               "experts_per_task": cfg.num_common_experts + cfg.num_task_experts, "scaling": cfg.scaling,
-               "clusters": [], "tasks": []}
-    training_cache = model.config.use_cache
-    model.config.use_cache = True        # the exported models are for inference: KV cache on
-    try:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            mark_output(tmp, EXPORT_KIND)
-            save_base_model(model, tmp / "base")
-            if tokenizer is not None:
-                _copy_tokenizer(tokenizer, tmp / "base")
-            entries = []
-            for k, cluster in enumerate(clusters):
-                rank = _write_adapter(layers, k, tmp / "adapters" / cluster)
-                entry = {"cluster": cluster, "tasks": [n for n, c in zip(names, slot.task_cluster) if c == k],
-                         "rank": rank, "adapter": f"adapters/{cluster}"}
-                with torch.no_grad():
-                    entry["common_gate_weight_mean"] = float(sum(
-                        layer.cgc.expert_weights()[k, :cfg.num_common_experts].sum().item()
-                        for layer in layers.values()) / len(layers))
-                if merged:
-                    _write_merged(model, layers, k, tmp / "merged" / cluster)
-                    if tokenizer is not None:
-                        _copy_tokenizer(tokenizer, tmp / "merged" / cluster)
-                    entry["merged"] = f"merged/{cluster}"
-                entries.append(entry)
-            summary["clusters"] = entries
-            summary["tasks"] = [{"task_id": t, "name": name, "cluster": clusters[k], "rank": entries[k]["rank"],
-                                 "adapter": entries[k]["adapter"],
-                                 **({"merged": entries[k]["merged"]} if merged else {})}
-                                for t, (name, k) in enumerate(zip(names, slot.task_cluster))]
-            (tmp / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    finally:
-        model.config.use_cache = training_cache
-    logger.info("exported base + %d cluster adapters (%d tasks) to %s", len(clusters), len(names), out_dir)
-    return out_dir

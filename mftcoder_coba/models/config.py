@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mftcoder_coba.config_io import check
-from mftcoder_coba.models.cgc_lora import CgcLoraConfig
+from mftcoder_coba.models.cgc_config import CgcLoraConfig
 
 Dtype = Literal["bf16", "fp32"]
 AttnImplementation = Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"]
