@@ -14,6 +14,7 @@ set -uo pipefail
 OUT_DIR=${1:-gpu_results}
 STEPS=${2:-6}
 PY=${PYTHON:-python}
+HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT_DIR"
 status=0
 run() {  # run NAME CMD...: log to OUT_DIR/NAME.log, remember a failure, keep going
@@ -26,7 +27,7 @@ run() {  # run NAME CMD...: log to OUT_DIR/NAME.log, remember a failure, keep go
 }
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 2
 run gpu_tests "$PY" -m pytest -q -m gpu tests
-run kernels "$PY" -m mftcoder_coba.kernels.bench --out "$OUT_DIR"
+run kernels "$PY" "$HERE/kernels/bench.py" --out "$OUT_DIR"
 run train_eager "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --out "$OUT_DIR"
 run train_zero1 "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --zero-stage 1 --out "$OUT_DIR"  # fp32 gradient sums
 run train_compile "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --compile --out "$OUT_DIR"

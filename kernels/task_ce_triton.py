@@ -9,7 +9,7 @@ in afterwards and returns at once when that gradient is exactly 1 (read on the d
 Layout and numerics:
 - a persistent grid strides over the rows, streaming the vocabulary in blocks with an online max /
   sum-of-exponentials in float32 (base 2: ``exp2`` is the hardware instruction); when the gradient is
-  written, ``SPLIT`` programs share each row (see ``rows_config``) so that each re-reads only a short
+  written, ``SPLIT`` programs share each row (see ``default_launch``) so that each re-reads only a short
   segment, from L2;
 - row offsets are int64 (``N * V`` passes 2**31 at V = 152k);
 - the true-class gradient ``(p - 1) * coef`` is formed in float32 and rounded once, so bf16 cancellation
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -205,26 +206,49 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def rows_config(n_vocab: int, write_grad: bool, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_V, num_warps, programs per SM, SPLIT) for the row kernel.
+@dataclass(frozen=True)
+class RowsLaunch:
+    """How the row kernel is launched: the knobs ``python benchmarks/kernels/bench.py --sweep`` times.
 
-    SPLIT programs share a row when the gradient is written: each reads its segment, they exchange their
-    (max, sum) partials, and each writes its segment's gradient while that segment is still in L2 -- with
-    whole rows per program the rows in flight (programs × 2·V bytes) overflow L2 and the second read goes
-    to DRAM. The forward-only sweep reads each row once, so whole rows per program are best there.
-    Measured on an H100 (benchmarks/kernels/). Overridable through
-    ``MFTCODER_COBA_CE_CONFIG="BLOCK_V,num_warps,programs_per_sm,split"`` for tuning runs.
+    ``task_ce_rows`` takes one explicitly (tuning runs, tests); without one it uses :func:`default_launch`,
+    the measured defaults, which is what the custom ops and the public API always do.
     """
-    env = os.environ.get("MFTCODER_COBA_CE_CONFIG")
-    if env:
-        block, warps, per_sm, split = (int(v) for v in env.split(","))
-        return block, warps, per_sm, split if write_grad else 1
+
+    block_v: int
+    """Vocabulary columns per block of the online sweep (a power of two, at least 16)."""
+    num_warps: int
+    """Warps per program (a power of two)."""
+    programs_per_sm: int = 4
+    """Persistent-grid rows in flight per multiprocessor: few, so a row's second read still finds it in L2."""
+    split: int = 1
+    """Programs sharing one row (a power of two): each reads and writes its segment of the vocabulary and they
+    exchange their (max, sum) partials. The Triton interpreter always uses 1 (it runs programs one after
+    another, so partners could never meet)."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("block_v", 16), ("num_warps", 1), ("split", 1)):
+            value = getattr(self, name)
+            if value < low or value & (value - 1):
+                raise ValueError(f"RowsLaunch.{name} must be a power of two >= {low}, got {value}")
+        if self.programs_per_sm < 1:
+            raise ValueError(f"RowsLaunch.programs_per_sm must be >= 1, got {self.programs_per_sm}")
+
+
+def default_launch(n_vocab: int, write_grad: bool, device: torch.device) -> RowsLaunch:
+    """The measured launch of the row kernel for this vocabulary size and mode (benchmarks/kernels/, H100).
+
+    When the gradient is written, SPLIT programs share a row at large vocabularies: each reads its segment,
+    they exchange their (max, sum) partials, and each writes its segment's gradient while that segment is
+    still in L2 -- with whole rows per program the rows in flight (programs x 2*V bytes) overflow L2 and the
+    second read goes to DRAM. The forward-only sweep reads each row once, so whole rows per program are best
+    there. Off CUDA (the interpreter) small blocks keep the simulated programs cheap.
+    """
     if device.type != "cuda":
-        return 128, 1, 1, 1
+        return RowsLaunch(block_v=128, num_warps=1, programs_per_sm=1)
     if write_grad:
         split = 8 if n_vocab >= 65536 else 1
-        return min(triton.next_power_of_2(n_vocab), 4096), 8, 4, split
-    return min(triton.next_power_of_2(n_vocab), 16384), 16, 4, 1
+        return RowsLaunch(block_v=min(triton.next_power_of_2(n_vocab), 4096), num_warps=8, split=split)
+    return RowsLaunch(block_v=min(triton.next_power_of_2(n_vocab), 16384), num_warps=16)
 
 
 def task_ce_rows(
@@ -235,18 +259,23 @@ def task_ce_rows(
     ignore_index: int,
     row_ce: torch.Tensor,
     grad: torch.Tensor | None,
+    launch: RowsLaunch | None = None,
 ) -> None:
     """Write each row's cross-entropy into ``row_ce`` (float32, 0 where not counted) and, when ``grad`` is
-    given, ``task_scale[t] * (softmax - onehot)`` into it (``grad`` may be ``logits`` itself)."""
+    given, ``task_scale[t] * (softmax - onehot)`` into it (``grad`` may be ``logits`` itself). ``launch``:
+    the kernel's launch configuration; ``None`` = :func:`default_launch`."""
     n_rows, n_vocab = logits.shape
     if n_rows == 0:
         return
-    block, warps, per_sm, split = rows_config(n_vocab, grad is not None, logits.device)
+    if launch is None:
+        launch = default_launch(n_vocab, grad is not None, logits.device)
+    block, split = launch.block_v, launch.split
     if _interpreted(logits):
         split = 1  # the interpreter runs programs one after another: partners could never meet
         n_programs = min(n_rows, 4)
     else:
-        n_programs = split * min(n_rows, max(1, per_sm * _program_slots(logits.device.index or 0) // split))
+        slots = launch.programs_per_sm * _program_slots(logits.device.index or 0)
+        n_programs = split * min(n_rows, max(1, slots // split))
     seg_len = triton.cdiv(triton.cdiv(n_vocab, split), block) * block
     partial = torch.empty(n_rows * split * 2 if split > 1 else 1, dtype=torch.float32, device=logits.device)
     arrived = torch.zeros(n_rows if split > 1 else 1, dtype=torch.int32, device=logits.device)
@@ -270,7 +299,7 @@ def task_ce_rows(
         WRITE_GRAD=grad is not None,
         SPLIT=split,
         BLOCK_V=block,
-        num_warps=warps,
+        num_warps=launch.num_warps,
     )
 
 

@@ -1,7 +1,7 @@
 """Benchmark of the per-task cross-entropy kernels against PyTorch eager, torch.compile, Liger-Kernel and Cut
 Cross-Entropy, with the memory-bandwidth and matmul floors, from one run on one GPU.
 
-    python -m mftcoder_coba.kernels.bench [--out DIR] [--quick] [--sweep]
+    python benchmarks/kernels/bench.py [--out DIR] [--quick] [--sweep] [--ours-only]
 
 Objective everywhere: ``L = Σ_t w_t · mean_{i in task t, label != -100} ce_i`` over bf16 logits (N, V), or
 over ``hidden (N, H) @ weight (V, H).T`` for the linear rows; this project's functions get the per-token
@@ -12,10 +12,16 @@ and the relative error of the loss against a float64 reference. Floors: the byte
 bf16 logits once, write the bf16 gradient once; read once for forward-only) over the measured copy
 bandwidth, and 6·N·H·V over the measured bf16 matmul rate. Writes ``kernels_bench.json`` and
 ``kernels_bench.md`` to ``--out`` (default ``$OUT`` or the working directory).
+
+``--sweep`` also times the row kernel's launch configurations (``RowsLaunch``: block, warps, programs per
+SM, programs per row) at V = 128256 by calling the row kernel and the per-task reduce directly with each
+one; the library itself always launches with the measured ``default_launch``. It imports the installed
+library (``pip install -e .``) and needs a CUDA GPU.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from mftcoder_coba.kernels import linear_task_cross_entropy, task_cross_entropy
+from mftcoder_coba.kernels.task_ce_triton import RowsLaunch, task_ce_rows, task_reduce
 
 T = 8
 IGNORE = -100
@@ -172,20 +179,39 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / _bench(lambda: a @ b) / 1e9
 
 
-def sweep_rows_configs(n: int, v: int, bw: float) -> list[dict]:
-    """Time the row kernel's (BLOCK_V, num_warps, programs/SM, split) choices at one shape, fwd+bwd and fwd-only."""
+def rows_step(x, labels, tasks, w, launch: RowsLaunch, write_grad: bool) -> torch.Tensor:
+    """The row kernel with ``launch`` and the per-task reduce, called directly (what the public function runs,
+    less autograd and the upstream-gradient scale); returns the loss."""
+    scale = task_scale(labels, tasks, w)
+    row_ce = torch.empty(x.shape[0], dtype=torch.float32, device=DEV)
+    grad = torch.empty_like(x) if write_grad else None
+    task_ce_rows(x, labels, tasks, scale, IGNORE, row_ce, grad, launch=launch)
+    return task_reduce(row_ce, labels, tasks, scale, IGNORE, x.shape[1])[0]
+
+
+def sweep_rows_launches(n: int, v: int, bw: float) -> list[dict]:
+    """Time the row kernel's launch configurations at one shape: writing the gradient (fwd+bwd) with each
+    launch as given, and forward-only with the same launch at one program per row."""
     x, labels, tasks, w = make_inputs(n, v, None)
-    out = []
-    configs = [(4096, 8, 4, 4), (4096, 8, 4, 8), (4096, 16, 4, 8), (8192, 16, 4, 4), (8192, 8, 4, 1),
-               (16384, 16, 4, 1), (4096, 8, 8, 8)]
+    launches = [RowsLaunch(4096, 8, 4, 4), RowsLaunch(4096, 8, 4, 8), RowsLaunch(4096, 16, 4, 8),
+                RowsLaunch(8192, 16, 4, 4), RowsLaunch(8192, 8, 4, 1), RowsLaunch(16384, 16, 4, 1),
+                RowsLaunch(4096, 8, 8, 8)]
     ref = reference(x, labels, tasks, w)
-    for block, warps, per_sm, split in configs:
-        os.environ["MFTCODER_COBA_CE_CONFIG"] = f"{block},{warps},{per_sm},{split}"
-        r = run_case(f"ours[{block},{warps},{per_sm},{split}]", ours, x, labels, tasks, w, ref)
+    out = []
+    for launch in launches:
+        name = f"ours[{launch.block_v},{launch.num_warps},{launch.programs_per_sm},{launch.split}]"
+        forward = dataclasses.replace(launch, split=1)
+        try:
+            loss = float(rows_step(x, labels, tasks, w, launch, True))
+            r = dict(impl=name, ms=round(_bench(lambda: rows_step(x, labels, tasks, w, launch, True)), 3),
+                     fwd_ms=round(_bench(lambda: rows_step(x, labels, tasks, w, forward, False)), 3),
+                     rel_err=float(f"{abs(loss - ref) / abs(ref):.2e}"))
+        except Exception as e:  # a launch the device cannot run is reported, not fatal
+            r = dict(impl=name, error=f"{type(e).__name__}: {str(e)[:200]}")
         r.update(N=n, V=v, floor_ms=round(4 * n * v / (bw * 1e6), 3))
         print(json.dumps(r), flush=True)
         out.append(r)
-    del os.environ["MFTCODER_COBA_CE_CONFIG"]
+        torch.cuda.empty_cache()
     return out
 
 
@@ -210,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    sweep = sweep_rows_configs(16384, 128256, bw) if args.sweep else []
+    sweep = sweep_rows_launches(16384, 128256, bw) if args.sweep else []
 
     def record(r: dict) -> None:  # rewritten after every row, so a run cut short still leaves its numbers
         rows.append(r)
