@@ -262,7 +262,7 @@ def run_config_data(mode: str, run_dir: Path, data: Path, work: Workload, max_st
         "model": {"model_config": work.model_config, "dtype": work.dtype, "attn_implementation": knobs.attn,
                   "gradient_checkpointing": knobs.gradient_checkpointing, "compile": knobs.compile, "init_seed": 0},
         # CoBa's warm-up is one update so every timed step runs the full slope/score/weight computation.
-        "balancer": {"name": mode, "update_interval": 1, "valid_rows_per_task": 1, "initial_rows_per_task": 1,
+        "balancer": {"name": mode, "update_interval": 1, "valid_rows_per_task": 1,
                      "options": {"warmup_steps": 1} if coba else {}},
         "optim": {"lr": 1e-4, "warmup_steps": 1, "master_weights": knobs.master_weights},
         "train": {"max_steps": max_steps, "micro_batch_size": work.micro_batch_size,

@@ -31,7 +31,8 @@ def _float64_task_means(model: torch.nn.Module, dataset: PackedDataset, rows: np
 def test_coba_run_writes_the_run_directory_contract(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
     cfg = run_config(prepared, tmp_path / "run",
                      train={"max_steps": 4, "save_every": 1, "keep_last": 2},
-                     balancer={"update_interval": 2, "valid_rows_per_task": 2, "initial_rows_per_task": 3})
+                     balancer={"held_out": "rotate", "update_interval": 2, "valid_rows_per_task": 2,
+                               "initial_rows_per_task": 3})
     run_dir = train(cfg)
     assert run_dir == cfg.run_dir
     valid = PackedDataset(prepared / "valid")

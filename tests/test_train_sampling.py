@@ -91,6 +91,7 @@ def test_fixed_rows_come_back_from_the_checkpoint_and_modes_must_match(prepared:
 def test_initial_rows_per_task_is_refused_outside_rotate() -> None:
     from mftcoder_coba.config import BalancerConfig
 
+    assert BalancerConfig().held_out == "fixed"  # chosen by benchmarks/coba_signal (README, CoBa section)
     BalancerConfig(held_out="rotate", initial_rows_per_task=3).validate()
     BalancerConfig(held_out="fixed").validate()
     with pytest.raises(ConfigError, match="'balancer.initial_rows_per_task'.*rotate only"):
