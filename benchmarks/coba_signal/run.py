@@ -17,8 +17,13 @@ steps; seeds change the model initialisation, the data order and the held-out sa
 step. The weight change per update is ``weight_change`` from metrics.jsonl (L1 distance between the
 weights after consecutive updates, every ``update_interval`` steps, for every method).
 
-    OMP_NUM_THREADS=1 python benchmarks/coba_signal/run.py                  # the committed results
-    OMP_NUM_THREADS=1 python benchmarks/coba_signal/run.py --steps 40 --seeds 1 --out /tmp/x.json  # smoke
+    OMP_NUM_THREADS=1 python benchmarks/coba_signal/run.py       # results.json: both corpora, 60 steps (23 min)
+    OMP_NUM_THREADS=1 python benchmarks/coba_signal/run.py --corpora overfit --steps 120 \
+        --out benchmarks/coba_signal/results_overfit_120steps.json   # the small task overfits (19 min)
+    OMP_NUM_THREADS=1 python benchmarks/coba_signal/run.py --steps 20 --seeds 1 --out /tmp/x.json  # smoke
+
+(times on a 2-core machine shared with other work, 2026-11-30.) At 60 steps the overfit corpus does not yet
+overfit (every task's best step is the last); at 120 its small task's best step is 50-70.
 
 Writes ``--out`` (JSON: settings, device, date, versions, every run's numbers, the summary) and prints the
 tables. Runs one at a time in this process (``train`` is callable repeatedly); the work folder is deleted.
