@@ -1,4 +1,4 @@
-"""CoBa against ``spec/coba.md``: hand-worked numbers and an independent float64 re-implementation."""
+"""CoBa against ``docs/coba.md``: hand-worked numbers and an independent float64 re-implementation."""
 from __future__ import annotations
 
 import json

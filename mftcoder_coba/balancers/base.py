@@ -57,7 +57,7 @@ class Balancer(ABC):
     """Per-task loss weights from observations; subclasses register under ``name`` (``class X(Balancer, name=...)``).
 
     The trainer's objective for a step is ``sum_k w_k L_k / sum_{k present} w_k`` with ``w = weights()``
-    read before the step (see ``spec/coba.md``, "Applying the weights"), so only the relative weights of
+    read before the step (see ``docs/coba.md``, "The objective the weights are applied to"), so only the relative weights of
     the tasks present in a batch matter.
     """
 

@@ -1,4 +1,4 @@
-"""CoBa, the Convergence Balancer (Gong et al., EMNLP 2024), exactly as ``spec/coba.md`` states it.
+"""CoBa, the Convergence Balancer (Gong et al., EMNLP 2024), as ``docs/coba.md`` (the formulation as implemented) states it.
 
 Why: in multitask fine-tuning some tasks converge fast and then overfit while others are still learning.
 CoBa reads the *slopes of the held-out loss curves*: it raises the weight of tasks that converge slower
@@ -97,7 +97,7 @@ def _guarded_ratio(numerator: np.ndarray, denominator: np.ndarray | float) -> np
 
 
 class CoBa(Balancer, name="coba"):
-    """Convergence Balancer; see the module docstring and ``spec/coba.md``."""
+    """Convergence Balancer; see the module docstring and ``docs/coba.md``."""
 
     Options = CobaOptions
 
