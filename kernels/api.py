@@ -104,7 +104,8 @@ def linear_task_cross_entropy(
     hidden, weight and bias (whichever require grad) are accumulated in the forward pass.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
                          f"{'' if bias is None else ', ' + str(bias.dtype)}")

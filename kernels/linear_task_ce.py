@@ -12,7 +12,7 @@ V = 128k, H = 4096), four times this path's whole budget. ``dbias`` is accumulat
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

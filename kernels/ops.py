@@ -12,8 +12,8 @@ gradients themselves: a graph through these functions can be backpropagated once
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -109,7 +109,7 @@ def _fake_linear(hidden, weight, bias, need_dhidden, need_dweight, need_dbias, t
 def _triton_linear(
     hidden: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     labels: Tensor,
     task_ids: Tensor,
     task_scale: Tensor,
@@ -128,7 +128,8 @@ def _triton_linear(
 
 
 @_triton_linear.register_fake
-def _(hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dhidden, need_dweight, need_dbias, chunk_bytes):
+def _(hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dhidden, need_dweight, need_dbias,
+      chunk_bytes):
     return _fake_linear(hidden, weight, bias, need_dhidden, need_dweight, need_dbias, task_scale)
 
 
@@ -149,7 +150,8 @@ def _torch_grad_inplace(logits, labels, task_ids, task_scale, ignore_index):
                              ignore_index, logits)
 
 
-def _torch_linear(hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dh, need_dw, need_db, chunk_bytes):
+def _torch_linear(hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dh, need_dw, need_db,
+                  chunk_bytes):
     return _linear.linear_task_ce(
         _torch_ce.task_ce_rows, _torch_ce.task_reduce, hidden, weight, bias, labels, task_ids, task_scale,
         ignore_index, need_dh, need_dw, need_db, chunk_bytes,

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-def counted(labels: torch.Tensor, task_ids: torch.Tensor, n_vocab: int, n_tasks: int, ignore_index: int) -> torch.Tensor:
+def counted(labels: torch.Tensor, task_ids: torch.Tensor, n_vocab: int, n_tasks: int,
+            ignore_index: int) -> torch.Tensor:
     """Tokens that carry loss: label not ignored and inside the vocabulary, task id inside ``[0, T)``."""
     return (labels != ignore_index) & (labels >= 0) & (labels < n_vocab) & (task_ids >= 0) & (task_ids < n_tasks)
 

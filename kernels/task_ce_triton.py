@@ -195,7 +195,7 @@ def _scale_kernel(x_ptr, numel, n_blocks, g_ptr, BLOCK: tl.constexpr):
             tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _program_slots(device_index: int) -> int:
     """Programs the persistent grid launches: a few per multiprocessor, so few rows are in flight at once
     and a row's second read still finds it in L2."""

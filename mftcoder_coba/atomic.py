@@ -20,8 +20,8 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from mftcoder_coba.errors import UserError
 

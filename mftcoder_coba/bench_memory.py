@@ -154,8 +154,8 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
         engine.step()
     between = _new_bytes(before)
     engine.destroy()
-    return EngineRow(zero_stage, master_weights, ds_config.grad_accum_dtype(cfg, zero_stage) if dtype == "bf16" else dtype,
-                     boundary / n_params, between / n_params)
+    sums = ds_config.grad_accum_dtype(cfg, zero_stage) if dtype == "bf16" else dtype
+    return EngineRow(zero_stage, master_weights, sums, boundary / n_params, between / n_params)
 
 
 def parameter_count(shape: dict[str, Any]) -> int:
@@ -242,7 +242,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results"),
-                        help="folder for memory_<device>.json / .md (default: ./bench_results; the repository keeps its committed results in benchmarks/train)")
+                        help="folder for memory_<device>.json / .md (default: ./bench_results; the repository keeps "
+                             "its committed results in benchmarks/train)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens in the measured row (default 1024)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (tests; seconds)")
 

@@ -31,9 +31,10 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,14 +97,16 @@ def workload(tiny: bool, on_cuda: bool) -> Workload:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results"),
-                        help="folder for <device>.json and <device>.md (default: ./bench_results; the repository keeps its committed results in benchmarks/train)")
+                        help="folder for <device>.json and <device>.md (default: ./bench_results; the repository "
+                             "keeps its committed results in benchmarks/train)")
     parser.add_argument("--tiny", action="store_true", help="small model, CPU friendly (smoke test)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps per mode (default 2)")
     parser.add_argument("--modes", default="coba,uniform", help="comma-separated: coba, uniform")
     parser.add_argument("--attn", default="auto",
                         choices=["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"],
-                        help="model.attn_implementation (default auto: flash-attn if installed, else flex_attention on a GPU, sdpa on CPU)")
+                        help="model.attn_implementation (default auto: flash-attn if installed, else flex_attention "
+                             "on a GPU, sdpa on CPU)")
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     parser.add_argument("--gradient-checkpointing", default="off", choices=["off", "full", "selective"],
                         help="model.gradient_checkpointing (default off)")

@@ -1,7 +1,8 @@
 """The run configuration: one typed tree that drives ``mftcoder-coba train`` (YAML or JSON plus overrides).
 
-Every field has a docstring (the string literal under it) and a range check in ``validate()`` that names
-the dotted field, so a bad value stops the run with one line before any shard is read or model built.
+Every field has a docstring (the string literal under it); a numeric range is declared on the field itself
+(``bounded(default, ge=...)``, enforced by :func:`mftcoder_coba.config_io.build` with a message naming the dotted
+field) and the rules that involve several fields live in ``validate()``, so a bad value stops the run with one line before any shard is read or model built.
 Checks that need the data (shards present, tokenizer/model vocabulary, task names, world size) live in
 :mod:`mftcoder_coba.training.preflight`, which ``train`` runs before anything expensive.
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mftcoder_coba import config_io
-from mftcoder_coba.config_io import check
+from mftcoder_coba.config_io import bounded, check
 from mftcoder_coba.models import ModelConfig
 
 
@@ -42,15 +43,10 @@ class EvalConfig:
     """A prepared split (e.g. a test split: a folder holding ``manifest.json``); ``null`` = no evaluation.
     Prepared with the training split's tokenizer and ``seq_len``; its tasks must be training tasks (a
     subset is fine: each row is scored as the training task of the same name; the others log null)."""
-    every: int = 0
+    every: int = bounded(0, ge=0)
     """Optimizer steps between evaluations (0 = only after the last step). The last step is always evaluated."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = bounded(None, ge=1)
     """Rows per evaluation forward on one rank; ``null`` = ``train.micro_batch_size``."""
-
-    def validate(self) -> None:
-        check(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
-        check(self.micro_batch_size is None or self.micro_batch_size >= 1, "eval.micro_batch_size",
-              f"must be >= 1 or null, got {self.micro_batch_size}")
 
 
 METRIC_SOURCES = ("eval", "valid")
@@ -74,15 +70,13 @@ class EarlyStoppingConfig:
     """The metric (``eval.mean``, ``eval.worst``, ``eval.<task>``, ``valid.mean``, ``valid.worst``,
     ``valid.<task>``; lower is better), judged each time it is measured (``eval.every`` /
     ``balancer.update_interval`` steps)."""
-    patience: int = 3
+    patience: int = bounded(3, ge=1)
     """Measurements in a row without improvement that stop the run (after a final checkpoint, exit 0)."""
-    min_delta: float = 0.0
+    min_delta: float = bounded(0.0, ge=0)
     """An improvement is a value below the best so far by more than this."""
 
     def validate(self) -> None:
         check_metric(self.metric, "train.early_stopping.metric")
-        check(self.patience >= 1, "train.early_stopping.patience", f"must be >= 1, got {self.patience}")
-        check(self.min_delta >= 0, "train.early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -99,7 +93,7 @@ class BalancerConfig:
     """Keyword options of that balancer (e.g. ``history_length``, ``warmup_steps``, ``tau`` for CoBa).
     An option given as a mapping from task name to value (e.g. static ``weights``) must name exactly the
     tasks of the shards; it is passed on as a list in task-id order."""
-    update_interval: int = 1
+    update_interval: int = bounded(1, ge=1)
     """Optimizer steps between held-out measurements (each one is a balancer update)."""
     held_out: Literal["rotate", "fixed", "all"] = "fixed"
     """Which held-out rows each measurement reads (stratified per task, seeded by ``train.seed``). ``fixed``:
@@ -110,19 +104,14 @@ class BalancerConfig:
     ``initial_rows_per_task``). ``fixed`` is the default because in ``benchmarks/coba_signal`` it moved CoBa's
     weights 1.8-3.6x less per update than ``rotate`` at the same test loss (within a fifth of the
     seed-to-seed spread); give it enough rows per task to stand for the task."""
-    valid_rows_per_task: int = 1
+    valid_rows_per_task: int = bounded(1, ge=1)
     """Held-out rows per task in each measurement (``rotate`` and ``fixed``; ``all`` reads every row)."""
-    initial_rows_per_task: int | None = None
+    initial_rows_per_task: int | None = bounded(None, ge=1)
     """``rotate`` only: held-out rows per task for the reference losses L_k(0) before step 1, the first ones of
     each task's rotation order; ``null`` = all of them (the mean the rotation samples). ``fixed`` and ``all``
     measure L_k(0) on exactly the rows of their updates, so setting it with them is refused."""
 
     def validate(self) -> None:
-        check(self.update_interval >= 1, "balancer.update_interval", f"must be >= 1, got {self.update_interval}")
-        check(self.valid_rows_per_task >= 1, "balancer.valid_rows_per_task",
-              f"must be >= 1, got {self.valid_rows_per_task}")
-        check(self.initial_rows_per_task is None or self.initial_rows_per_task >= 1,
-              "balancer.initial_rows_per_task", f"must be >= 1 or null, got {self.initial_rows_per_task}")
         check(self.initial_rows_per_task is None or self.held_out == "rotate", "balancer.initial_rows_per_task",
               f"applies to balancer.held_out=rotate only; with {self.held_out!r} L_k(0) is measured on the "
               f"rows of the updates (set it to null)")
@@ -132,21 +121,21 @@ class BalancerConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule (linear warm-up, then cosine decay to a floor)."""
 
-    lr: float = 1e-4
+    lr: float = bounded(1e-4, gt=0)
     """Peak learning rate, reached at the end of warm-up."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
     """AdamW (beta1, beta2)."""
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, gt=0)
     """AdamW epsilon."""
-    weight_decay: float = 0.1
+    weight_decay: float = bounded(0.1, ge=0)
     """Decoupled weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, ge=0)
     """Optimizer steps of linear warm-up from lr/warmup_steps to lr."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """After warm-up: cosine decay from lr to min_lr_ratio * lr at max_steps, or constant lr."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
     """Floor of the cosine schedule as a fraction of lr."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, ge=0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     master_weights: Literal["fp32", "bf16"] = "fp32"
     """Precision of the optimizer's own copy of the weights, of its gradients and of Adam's moments when
@@ -162,42 +151,33 @@ class OptimConfig:
     through DeepSpeed (``torch_adam``, so no DeepSpeed C++ optimizer op is compiled), or with bf16 masters and
     stochastic rounding this project's own, which this setting does not affect."""
 
-    def validate(self) -> None:
-        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
-        check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
-        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-
 
 @dataclass
 class TrainConfig:
     """Steps, batch shape, DeepSpeed engine, checkpoints and logging."""
 
-    max_steps: int = 100
+    max_steps: int = bounded(100, ge=1)
     """Optimizer steps to train (a resumed run continues up to this number)."""
-    micro_batch_size: int = 1
+    micro_batch_size: int = bounded(1, ge=1)
     """Rows per forward/backward on one rank."""
     global_batch_size: int = 8
     """Rows per optimizer step over all ranks and accumulation steps; must be a multiple of
     micro_batch_size x world size (the quotient is the number of gradient-accumulation steps)."""
-    zero_stage: int | None = None
+    zero_stage: int | None = bounded(None, ge=0, le=3)
     """DeepSpeed ZeRO stage 0-3; ``null`` = the stage in ``deepspeed_config``, or 0 without one."""
     deepspeed_config: Path | None = None
     """A DeepSpeed JSON (e.g. ``launch/ds_zero2.json``) for engine details (bucket sizes, overlap, offload).
     The batch sizes, gradient clipping, bf16, optimizer and scheduler always come from this RunConfig."""
     seed: int = 0
     """Seed of the data order and of python/numpy/torch RNGs."""
-    save_every: int = 0
+    save_every: int = bounded(0, ge=0)
     """Write a checkpoint every this many steps (0 = only at the end, if ``save_final``)."""
     save_final: bool = True
     """Write a checkpoint after the last step (off only for throughput benchmarks, where a 1B model's
     optimizer state would cost minutes of disk writes and nothing is kept)."""
-    keep_last: int = 2
+    keep_last: int = bounded(2, ge=1)
     """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1)
     """Steps between log lines (metrics.jsonl and TensorBoard get every step)."""
     grad_accum_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Precision in which a bf16 model's gradients are summed over micro-batches. ``auto``: fp32 with ZeRO 1-3
@@ -234,10 +214,10 @@ class TrainConfig:
     the optimizer applies that step, and no checkpoint is written for it. ``skip``: the step is not applied
     (neither the optimizer nor the LR schedule move; the batch is consumed and the step counted), metrics
     count it as ``skipped_steps``, and the run stops anyway after ``max_skipped_steps`` consecutive skips."""
-    max_skipped_steps: int = 10
+    max_skipped_steps: int = bounded(10, ge=1)
     """With ``nonfinite: skip``: this many consecutive skipped steps stop the run (a diverged model does
     not recover by skipping)."""
-    cpu_threads: int | Literal["auto"] = "auto"
+    cpu_threads: int | Literal["auto"] = bounded("auto", ge=1)
     """PyTorch intra-op threads per rank on CPU. ``auto``: the cores this process may run on
     (``os.sched_getaffinity``) divided by the ranks on this host (``LOCAL_WORLD_SIZE``), at least 1, unless
     ``OMP_NUM_THREADS`` is set, which then wins. PyTorch's own default (every core of the host) oversubscribes
@@ -245,21 +225,11 @@ class TrainConfig:
     host. Ignored on GPU."""
 
     def validate(self) -> None:
-        check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
-        check(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         check(self.global_batch_size % self.micro_batch_size == 0 and self.global_batch_size > 0,
               "train.global_batch_size",
               f"{self.global_batch_size} is not a positive multiple of train.micro_batch_size={self.micro_batch_size}")
-        check(self.zero_stage is None or 0 <= self.zero_stage <= 3, "train.zero_stage",
-              f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         check(self.deepspeed_config is None or self.deepspeed_config.is_file(), "train.deepspeed_config",
               f"file not found: {self.deepspeed_config}")
-        check(self.save_every >= 0, "train.save_every", f"must be >= 0, got {self.save_every}")
-        check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
-        check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
-        check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
-        check(self.cpu_threads == "auto" or self.cpu_threads >= 1, "train.cpu_threads",
-              f"must be >= 1 or 'auto', got {self.cpu_threads}")
         if self.report_to is not None:
             check(len(set(self.report_to)) == len(self.report_to), "train.report_to",
                   f"names a tracker twice: {self.report_to}")

@@ -3,8 +3,10 @@
 Every run configuration in the project is a tree of dataclasses whose fields carry docstrings. This
 module turns a parsed file (plus command-line overrides) into such a tree, refusing unknown fields,
 wrong types and missing required fields with a :class:`ConfigError` that names the dotted field path,
-before any expensive work starts. Dataclasses may define ``validate(self) -> None`` for range checks;
-it runs after the fields are filled (use :func:`check` there to name the field in the message).
+before any expensive work starts. A field's numeric range is declared once, where the field is defined
+(:func:`bounded`), and enforced here for every config class alike; ``validate(self) -> None`` is left with
+the rules that involve several fields, and runs after the fields are filled and in range (use
+:func:`check` there to name the field in the message).
 """
 from __future__ import annotations
 
@@ -68,6 +70,63 @@ def check(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field '{field}': {message}")
 
 
+RANGE = "range"
+"""The key of a field's ``metadata`` that :func:`bounded` sets: ``{"ge"|"gt"|"le"|"lt": bound}``."""
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field whose numbers must lie in a range, checked by :func:`build` (:func:`check_ranges`).
+
+    ``max_steps: int = bounded(100, ge=1)``. ``None`` and strings (``null``, ``"auto"``) pass, so a field may
+    allow them through its type; a list or tuple has each item checked. Why here: the range is read once,
+    where the field and its docstring are, and every config class gets the same one-line message."""
+    limits = {name: bound for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if bound is not None}
+    if not limits:
+        raise TypeError("bounded(): give at least one of ge, gt, le, lt")
+    return dataclasses.field(default=default, metadata={RANGE: limits})
+
+
+def _in_range(value: Any, limits: dict[str, float]) -> bool:
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_in_range(item, limits) for item in value)
+    return (("ge" not in limits or value >= limits["ge"]) and ("gt" not in limits or value > limits["gt"])
+            and ("le" not in limits or value <= limits["le"]) and ("lt" not in limits or value < limits["lt"]))
+
+
+def _range_text(limits: dict[str, float], hint: Any) -> str:
+    """``>= 1``, ``in [0, 1)``, ... plus what else the field's type allows (``or null``, ``or 'auto'``)."""
+    low = ("[", limits["ge"]) if "ge" in limits else ("(", limits["gt"]) if "gt" in limits else None
+    high = ("]", limits["le"]) if "le" in limits else (")", limits["lt"]) if "lt" in limits else None
+    if low and high:
+        text = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low:
+        text = f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    else:
+        text = f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else ()
+    for option in options:
+        if option is type(None):
+            text += " or null"
+        elif typing.get_origin(option) is Literal:
+            text += "".join(f" or {choice!r}" for choice in typing.get_args(option))
+    return text
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Every :func:`bounded` field of dataclass ``obj`` in its range, else one :class:`ConfigError` naming the
+    dotted field: ``config field 'train.max_steps': must be >= 1, got 0``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        limits = f.metadata.get(RANGE)
+        value = getattr(obj, f.name)
+        if limits and not _in_range(value, limits):
+            each = "each " if isinstance(value, (list, tuple)) else ""
+            check(False, f"{prefix}{f.name}", f"{each}must be {_range_text(limits, hints[f.name])}, got {value}")
+
+
 def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from plain ``data``; nested dataclasses are built recursively."""
     data = {} if data is None else data
@@ -87,6 +146,7 @@ def build(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config field '{path}': required field missing")
     obj = cls(**kwargs)
+    check_ranges(obj, prefix)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

@@ -21,8 +21,8 @@ import torch
 from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.evaluation.loss import evaluate_target
 from mftcoder_coba.evaluation.cli_options import add_model_arguments
+from mftcoder_coba.evaluation.loss import evaluate_target
 from mftcoder_coba.evaluation.targets import load_model, pick_device, resolve_target
 from mftcoder_coba.training import distributed
 

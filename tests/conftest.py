@@ -1,9 +1,11 @@
-"""Suite-wide settings: Triton runs in its interpreter on CPU-only machines; GPU tests skip without CUDA.
+"""Suite-wide settings and shared fixtures.
 
-``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is defined, so it is set here, at
-collection time, before test modules import the kernels.
+Triton runs in its interpreter on CPU-only machines: ``TRITON_INTERPRET`` must be set before any
+``@triton.jit`` function is defined, so it is set here, at collection time, before test modules import the
+kernels. GPU tests skip without CUDA. Plain helpers live in ``train_helpers.py`` and ``prep_helpers.py``.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +21,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo corpus prepared at seq_len 64: a folder with ``train/`` and ``valid/``.
+
+    Session-scoped: preparing takes seconds, and the trainer, eval and export tests all read the same shards.
+    Imports are local so that ``TRITON_INTERPRET`` above is set before anything can import the kernels."""
+    from train_helpers import SEQ_LEN
+
+    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
+
+    out = tmp_path_factory.mktemp("prepared") / "demo"
+    prepare(PrepOptions(tasks=dict(DEMO_TASKS), tokenizer=TOKENIZER_DIR, seq_len=SEQ_LEN, out=out,
+                        valid_samples_per_task=4, seed=0))
+    return out

@@ -8,8 +8,9 @@ to the tasks' held-out loss and to how much the weights move.
 
 Corpora (the shipped demo corpus, 4 tasks): ``demo`` as shipped, and ``overfit``, every task cut
 (``OVERFIT_TRAIN``) so that the run sees each training row several times, the small ``unit_tests`` task to
-``--small-train`` samples, so it is memorised early and its held-out loss turns up. Before preparing, ``--test-samples`` records per task are set aside (seeded) as a **test** set the
-methods never see: the numbers below are measured on it, not on the held-out split CoBa observes.
+``--small-train`` samples, so it is memorised early and its held-out loss turns up. Before preparing,
+``--test-samples`` records per task are set aside (seeded) as a **test** set the methods never see: the
+numbers below are measured on it, not on the held-out split CoBa observes.
 
 Every run: the demo's model, optimizer and CoBa scaling (``mftcoder_coba.demo.run_data``) with ``--steps``
 steps; seeds change the model initialisation, the data order and the held-out sample. A checkpoint every

@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -319,7 +320,8 @@ def damaged_checkpoints(h: Harness) -> list[Outcome]:
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
     export = h.cli("export", str(run_dir), "--out", str(run_dir.parent / "export"), "--checkpoint", str(newest))
-    out.append(Outcome("export of a checkpoint whose weights file is truncated", "one error line, non-zero exit, no export",
+    out.append(Outcome("export of a checkpoint whose weights file is truncated",
+                       "one error line, non-zero exit, no export",
                        f"exit {export.returncode}: {last_line(export)}", False,
                        export.returncode != 0 and "Traceback" not in export.stdout
                        and not (run_dir.parent / "export").exists()))

@@ -25,8 +25,8 @@ import dataclasses
 import datetime
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -203,8 +203,8 @@ def sweep_rows_launches(n: int, v: int, bw: float) -> list[dict]:
         forward = dataclasses.replace(launch, split=1)
         try:
             loss = float(rows_step(x, labels, tasks, w, launch, True))
-            r = dict(impl=name, ms=round(_bench(lambda: rows_step(x, labels, tasks, w, launch, True)), 3),
-                     fwd_ms=round(_bench(lambda: rows_step(x, labels, tasks, w, forward, False)), 3),
+            r = dict(impl=name, ms=round(_bench(lambda launch=launch: rows_step(x, labels, tasks, w, launch, True)), 3),
+                     fwd_ms=round(_bench(lambda fwd=forward: rows_step(x, labels, tasks, w, fwd, False)), 3),
                      rel_err=float(f"{abs(loss - ref) / abs(ref):.2e}"))
         except Exception as e:  # a launch the device cannot run is reported, not fatal
             r = dict(impl=name, error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     bw, tf = copy_bandwidth_gbs(), matmul_tflops()
     meta = dict(
-        device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        device=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         torch=torch.__version__, triton=triton.__version__, copy_bw_gbs=round(bw), matmul_tflops=round(tf),
         N=16384, tasks=T,
     )
@@ -289,7 +290,8 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('kind', '')} | {r.get('V', '')} | {r['impl']} | error: {r['error'][:80]} | | | | | |")
+            error = r["error"][:80]
+            lines.append(f"| {r.get('kind', '')} | {r.get('V', '')} | {r['impl']} | error: {error} | | | | | |")
             continue
         fwd_floor = r.get("fwd_floor_ms")
         fwd_ratio = f"{r['fwd_ms'] / fwd_floor:.2f}" if fwd_floor and "fwd_ms" in r else ""

@@ -14,6 +14,7 @@ from mftcoder_coba.evaluation.passk import mean_pass_at_k
 from mftcoder_coba.evaluation.problems import Problem
 from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_programs
 
+
 @dataclass(frozen=True)
 class SampleResult:
     """One executed sample (a line of the per-sample JSONL)."""

@@ -19,9 +19,10 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from safetensors import safe_open

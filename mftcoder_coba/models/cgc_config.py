@@ -19,8 +19,9 @@ This module imports neither torch nor transformers: loading a run config needs o
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from mftcoder_coba.config_io import check
 

@@ -13,8 +13,8 @@ import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,8 @@ and a resumed run draws exactly what the uninterrupted one would.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

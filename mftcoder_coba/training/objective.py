@@ -1,4 +1,5 @@
-"""The exact global multitask objective of one optimizer step (``docs/coba.md``, "The objective the weights are applied to").
+"""The exact global multitask objective of one optimizer step (``docs/coba.md``, "The objective the weights are
+applied to").
 
 ``L = sum_{k in U} w_k * Lhat_k / sum_{k in U} w_k`` where ``Lhat_k`` is task k's token-mean loss over the
 *whole global batch* (every micro-batch on every rank) and U the tasks present in it. Because the per-task
@@ -11,7 +12,8 @@ data-parallel ranks; the trainer passes that product as ``grad_multiplier`` so t
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,7 +122,8 @@ class TaskLoss(torch.nn.Module):
 
 def accumulate_gradients(engine: Any, micro_batches: list[dict[str, np.ndarray]], weights: np.ndarray,
                          counts: np.ndarray, device: torch.device,
-                         on_hidden: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None) -> np.ndarray:
+                         on_hidden: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None
+                         ) -> np.ndarray:
     """Forward + ``engine.backward`` over one step's micro-batches on this rank; returns its per-task loss sums.
 
     ``engine`` runs a :class:`TaskLoss`. ``counts`` are the step's global per-task token counts (all ranks,

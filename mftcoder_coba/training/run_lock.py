@@ -66,5 +66,5 @@ def acquire(run_dir: Path) -> RunLock:
         raise
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode("utf-8"), 0)
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode(), 0)
     return RunLock(path, fd)

@@ -10,8 +10,9 @@ user said otherwise.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 
 @dataclass(frozen=True)
