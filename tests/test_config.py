@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_fixtures import REPO, TINY_LLAMA, prepared, run_data, write_config  # noqa: F401  (fixture)
+from train_helpers import REPO, TINY_LLAMA, run_data, write_config
 
 from mftcoder_coba import cli, config_io
 from mftcoder_coba.config import RunConfig, load_run_config
@@ -141,7 +141,7 @@ def _no_expensive_work(monkeypatch: pytest.MonkeyPatch) -> None:
       "train": {"grad_accum_dtype": "fp32", "zero_stage": 1}}, {},
      "config field 'train.grad_accum_dtype': 'fp32' cannot go with optim.master_weights 'bf16'"),
 ])
-def test_cli_refuses_bad_config_in_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: F811
+def test_cli_refuses_bad_config_in_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch, sections: dict, env: dict,
                                             message: str) -> None:
     _no_expensive_work(monkeypatch)
@@ -155,7 +155,7 @@ def test_cli_refuses_bad_config_in_one_line(prepared: Path, tmp_path: Path, caps
     assert not (tmp_path / "run").exists()
 
 
-def test_static_weights_by_task_name_follow_task_order(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_static_weights_by_task_name_follow_task_order(prepared: Path, tmp_path: Path) -> None:
     from mftcoder_coba.data import PackedDataset
     from mftcoder_coba.training.preflight import balancer_options
 
@@ -196,3 +196,42 @@ def test_divergence_and_thread_fields(tmp_path: Path) -> None:
                             ("train.cpu_threads=0", "train.cpu_threads")):
         with pytest.raises(ConfigError, match=f"config field '{field}'"):
             load_run_config(path, [override])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.max_steps=0", "config field 'train.max_steps': must be >= 1, got 0"),
+    ("train.cpu_threads=0", "config field 'train.cpu_threads': must be >= 1 or 'auto', got 0"),
+    ("train.zero_stage=4", "config field 'train.zero_stage': must be in [0, 3] or null, got 4"),
+    ("optim.lr=0", "config field 'optim.lr': must be > 0, got 0.0"),
+    ("optim.betas=[0.9, 1.0]", "config field 'optim.betas': each must be in [0, 1), got (0.9, 1.0)"),
+    ("optim.min_lr_ratio=-0.5", "config field 'optim.min_lr_ratio': must be in [0, 1], got -0.5"),
+    ("eval.micro_batch_size=0", "config field 'eval.micro_batch_size': must be >= 1 or null, got 0"),
+    ("train.early_stopping={metric: valid.mean, patience: 0}",
+     "config field 'train.early_stopping.patience': must be >= 1, got 0"),
+])
+def test_declared_ranges_are_enforced_with_one_line_naming_the_field(tmp_path: Path, override: str,
+                                                                      message: str) -> None:
+    path = write_config(tmp_path / "run.json", {**_minimal(tmp_path), "data": {"train": "t", "valid": "v"}})
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path, [override])
+    assert str(caught.value) == message
+
+
+def test_bounded_fields_check_any_config_class() -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Knobs:
+        rate: float = config_io.bounded(0.5, gt=0, lt=1)
+        """A rate strictly between 0 and 1."""
+        limit: int | None = config_io.bounded(None, le=10)
+        """At most 10, or null."""
+
+    assert config_io.build(Knobs, {"limit": None}) == Knobs()
+    assert config_io.build(Knobs, {"rate": 0.25, "limit": -3}) == Knobs(0.25, -3)
+    with pytest.raises(ConfigError, match=r"^config field 'knobs.rate': must be in \(0, 1\), got 1.0$"):
+        config_io.build(Knobs, {"rate": 1}, prefix="knobs.")
+    with pytest.raises(ConfigError, match=r"^config field 'limit': must be <= 10 or null, got 11$"):
+        config_io.check_ranges(Knobs(limit=11))
+    with pytest.raises(TypeError, match="at least one of"):
+        config_io.bounded(1)
