@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from train_fixtures import prepared, run_config  # noqa: F401  (session fixture)
+from train_helpers import run_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mftcoder_coba.atomic import mark_output
@@ -399,7 +399,7 @@ def test_save_load_round_trip_and_layout_mismatch(tmp_path) -> None:
 DEMO_CLUSTERS = {"code_completion": "code", "text_to_code": "code", "unit_tests": "code", "code_to_text": "text"}
 
 
-def test_trained_run_with_clusters_exports_one_adapter_per_cluster(prepared: Path,  # noqa: F811
+def test_trained_run_with_clusters_exports_one_adapter_per_cluster(prepared: Path,
                                                                      tmp_path: Path) -> None:
     from mftcoder_coba.export_cmd import export_run
     from mftcoder_coba.training import train

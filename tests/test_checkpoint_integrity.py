@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import prepared, read_metrics, run_config  # noqa: F401  (session fixture)
+from train_helpers import read_metrics, run_config
 
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.file_manifest import MANIFEST, manifest_problem, write_manifest
@@ -20,7 +20,7 @@ from mftcoder_coba.training.metrics import MetricsLog
 QUIET = {"balancer": {"name": "uniform", "options": {}}}
 
 
-def _train(prepared: Path, run_dir: Path, steps: int, resume: str | None = None, **train_options) -> Path:  # noqa: F811
+def _train(prepared: Path, run_dir: Path, steps: int, resume: str | None = None, **train_options) -> Path:
     options = {"max_steps": steps, "save_every": 1, "keep_last": 3, "tensorboard": False, **train_options}
     return train(run_config(prepared, run_dir, train=options, **QUIET), resume=resume)
 
@@ -47,7 +47,7 @@ def test_manifest_lists_every_file_and_catches_truncation_and_bit_flips(tmp_path
     assert manifest_problem(tmp_path, under="sub/") == "sub/b.json is missing"
 
 
-def test_resume_auto_skips_a_damaged_newest_checkpoint(prepared: Path, tmp_path: Path,  # noqa: F811
+def test_resume_auto_skips_a_damaged_newest_checkpoint(prepared: Path, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     run_dir = _train(prepared, tmp_path / "run", 3)
     original = read_metrics(run_dir)
@@ -115,7 +115,7 @@ class _RunsAShellCommand:
 
 @pytest.mark.parametrize("zero_stage,pattern", [(0, "mp_rank_00_model_states.pt"),
                                                 (1, "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
-def test_crafted_engine_state_is_refused_without_running(prepared: Path, tmp_path: Path,  # noqa: F811
+def test_crafted_engine_state_is_refused_without_running(prepared: Path, tmp_path: Path,
                                                          zero_stage: int, pattern: str) -> None:
     run_dir = _train(prepared, tmp_path / "run", 1, zero_stage=zero_stage)
     step = run_dir / "checkpoints" / "step-00000001"

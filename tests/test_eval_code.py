@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_eval_loss import tiny_model_dir
-from train_fixtures import prepared, run_config  # noqa: F401  (session fixture)
+from train_helpers import run_config
 
 from mftcoder_coba.cli import main as cli
 from mftcoder_coba.data import PackedDataset
@@ -138,7 +138,7 @@ def test_stop_sequences_chat_extraction_and_k() -> None:
             parse_ks(text, 10)
 
 
-def test_generation_end_to_end_on_a_tiny_model(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_generation_end_to_end_on_a_tiny_model(prepared: Path, tmp_path: Path) -> None:
     model = tiny_model_dir(tmp_path / "model", PackedDataset(prepared / "valid").vocab_size)
     out = tmp_path / "gen.json"
     assert cli(["eval-code", str(model), "--limit", "2", "--n", "2", "--k", "1,2", "--max-new-tokens", "8",
@@ -155,7 +155,7 @@ def test_generation_end_to_end_on_a_tiny_model(prepared: Path, tmp_path: Path) -
     assert cli(["eval-code", str(model), "--n", "2", "--k", "5"]) == 2
 
 
-def test_all_checkpoints_of_a_run(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_all_checkpoints_of_a_run(prepared: Path, tmp_path: Path) -> None:
     from mftcoder_coba.training import train
 
     run = train(run_config(prepared, tmp_path / "run", train={"max_steps": 2, "save_every": 1, "keep_last": 2}))

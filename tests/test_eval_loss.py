@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import TINY_LLAMA, prepared, run_config  # noqa: F401  (session fixture)
+from train_helpers import TINY_LLAMA, run_config
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mftcoder_coba.cli import main as cli
@@ -79,7 +79,7 @@ def assert_matches(result: dict, expected: dict[str, tuple[float, int]]) -> None
 
 
 @pytest.fixture(scope="module")
-def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two-step trainer runs (full, LoRA, CGC-LoRA) on the prepared demo shards."""
     from mftcoder_coba.training import train
 
@@ -91,7 +91,7 @@ def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return made
 
 
-def test_model_directory_matches_plain_transformers(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_model_directory_matches_plain_transformers(prepared: Path, tmp_path: Path) -> None:
     valid = PackedDataset(prepared / "valid")
     model_dir = tiny_model_dir(tmp_path / "model", valid.vocab_size)
     result = run_eval(tmp_path, str(model_dir), "--data", str(prepared / "valid"))
@@ -100,7 +100,7 @@ def test_model_directory_matches_plain_transformers(prepared: Path, tmp_path: Pa
     assert result["rows"] == len(valid) and result["target"]["kind"] == "model"
 
 
-def test_every_row_of_a_larger_split_is_counted(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_every_row_of_a_larger_split_is_counted(prepared: Path, tmp_path: Path) -> None:
     """The train split (several tasks per packed row): tokens per task equal the split's loss tokens."""
     train_split = PackedDataset(prepared / "train")
     model = load_model(resolve_target(tiny_model_dir(tmp_path / "model", train_split.vocab_size)))
@@ -114,7 +114,7 @@ def test_every_row_of_a_larger_split_is_counted(prepared: Path, tmp_path: Path) 
     assert np.all(losses.sums > 0)
 
 
-def test_full_and_lora_runs_match_plain_transformers(runs: dict[str, Path], prepared: Path,  # noqa: F811
+def test_full_and_lora_runs_match_plain_transformers(runs: dict[str, Path], prepared: Path,
                                                      tmp_path: Path) -> None:
     from peft import PeftModel
 
@@ -143,7 +143,7 @@ def test_full_and_lora_runs_match_plain_transformers(runs: dict[str, Path], prep
     assert base_alone["mean_loss"] != pytest.approx(adapter_on_base["mean_loss"], rel=1e-6)
 
 
-def test_cgc_lora_run_and_its_1_plus_n_export_give_each_task_its_adapter(runs: dict[str, Path], prepared: Path,  # noqa: F811
+def test_cgc_lora_run_and_its_1_plus_n_export_give_each_task_its_adapter(runs: dict[str, Path], prepared: Path,
                                                                           tmp_path: Path) -> None:
     from peft import PeftModel
 
@@ -166,7 +166,7 @@ def test_cgc_lora_run_and_its_1_plus_n_export_give_each_task_its_adapter(runs: d
     assert_matches(by_task_adapter, expected)
 
 
-def test_user_errors_are_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+def test_user_errors_are_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     valid = PackedDataset(prepared / "valid")
     small = tiny_model_dir(tmp_path / "small", valid.vocab_size - 1)
     cases = [
@@ -186,10 +186,10 @@ def test_user_errors_are_one_line(prepared: Path, tmp_path: Path, capsys: pytest
 
 
 @pytest.mark.distributed
-def test_two_ranks_under_torchrun_give_the_single_process_numbers(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_two_ranks_under_torchrun_give_the_single_process_numbers(prepared: Path, tmp_path: Path) -> None:
     import subprocess
 
-    from train_fixtures import REPO, cpu_env
+    from train_helpers import REPO, cpu_env
 
     valid = PackedDataset(prepared / "valid")
     model_dir = tiny_model_dir(tmp_path / "model", valid.vocab_size)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_fixtures import prepared, run_config  # noqa: F401  (session fixture)
+from train_helpers import run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mftcoder_coba.atomic import OUTPUT_MARKER, output_kind
@@ -23,7 +23,7 @@ from mftcoder_coba.training.checkpoint import checkpoint_problem
 
 
 @pytest.fixture(scope="module")
-def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two-step trainer runs (full, LoRA, CGC-LoRA) on the prepared demo shards."""
     root = tmp_path_factory.mktemp("runs")
     made = {}

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_fixtures import (REPO, assert_same_run, cpu_env, prepared, read_metrics, run_config,  # noqa: F401
-                            run_data, single_thread, write_config)
+from train_helpers import (REPO, assert_same_run, cpu_env, read_metrics, run_config, run_data, single_thread,
+                           write_config)
 
 from mftcoder_coba.training import train
 from mftcoder_coba.training.distributed import free_port
@@ -23,7 +23,7 @@ def _launch(script: str, args: list[str], **env: str) -> subprocess.Popen:
 
 
 @pytest.mark.distributed
-def test_single_and_multi_node_launchers_match_one_process(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_single_and_multi_node_launchers_match_one_process(prepared: Path, tmp_path: Path) -> None:
     single_cfg = write_config(tmp_path / "single.json", run_data(prepared, tmp_path / "single", **SECTIONS))
     multi_cfg = write_config(tmp_path / "multi.json", run_data(prepared, tmp_path / "multi", **SECTIONS))
     port = str(free_port())
@@ -59,7 +59,7 @@ def _ssh_to_localhost() -> bool:
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not _ssh_to_localhost(), reason="needs pdsh and key-based ssh to localhost and 127.0.0.1")
-def test_deepspeed_hostfile_form_matches_one_process(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_deepspeed_hostfile_form_matches_one_process(prepared: Path, tmp_path: Path) -> None:
     """``HOSTFILE=... multi_node.sh``: DeepSpeed's runner starts one process on each of two "nodes" (this
     machine under two names) over ssh/pdsh; the run equals one in-process run."""
     config = write_config(tmp_path / "ds.json", run_data(prepared, tmp_path / "ds", **SECTIONS))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_fixtures import float64_token_ce, prepared, run_config  # noqa: F401  (fixture)
+from train_helpers import float64_token_ce, run_config
 
 from mftcoder_coba.training.distributed import free_port
 from mftcoder_coba.training.objective import loss_token_counts, objective_value, per_task_mean, task_scale
@@ -87,7 +87,7 @@ def _rank_gradient(rank: int, world_size: int, port: int, cfg, rows: np.ndarray,
 
 
 @pytest.mark.distributed
-def test_two_ranks_two_micro_batches_give_the_whole_batch_gradient(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_two_ranks_two_micro_batches_give_the_whole_batch_gradient(prepared: Path, tmp_path: Path) -> None:
     from mftcoder_coba.data import PackedDataset
 
     cfg = run_config(prepared, tmp_path / "run", train={"micro_batch_size": 2, "global_batch_size": 8,
@@ -108,7 +108,7 @@ def test_two_ranks_two_micro_batches_give_the_whole_batch_gradient(prepared: Pat
     np.testing.assert_allclose(got["sums0"], got["sums3"], rtol=1e-6)
 
 
-def test_head_gradient_norms_are_those_of_each_unweighted_task_loss(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_head_gradient_norms_are_those_of_each_unweighted_task_loss(prepared: Path, tmp_path: Path) -> None:
     """GradNorm's input: ||dL_k/dW_head|| of each task's token-mean loss over two micro-batches (float64 reference)."""
     from mftcoder_coba.data import PackedDataset
     from mftcoder_coba.models import build_model, hidden_states
@@ -136,7 +136,7 @@ def test_head_gradient_norms_are_those_of_each_unweighted_task_loss(prepared: Pa
         assert norms[k] == pytest.approx(grad.norm().item(), rel=1e-5)
 
 
-def test_fp32_gradient_accumulation_of_a_bf16_model_is_closer_to_float64(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_fp32_gradient_accumulation_of_a_bf16_model_is_closer_to_float64(prepared: Path, tmp_path: Path) -> None:
     """train.grad_accum_dtype: 32 micro-batches of a bf16 model through a ZeRO-1 engine. Summed in fp32 (the
     default there: DeepSpeed's bf16 optimizer, each gradient added to the fp32 copy in backward) the step's
     gradient is nearer the float64 gradient of the same weights than summed in bf16; the bf16 forward and

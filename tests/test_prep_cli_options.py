@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from mftcoder_coba.data_prep.fim import FAMILIES
-from prep_fixtures import tokenizer_copy
+from prep_helpers import tokenizer_copy
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from mftcoder_coba.data_prep.inspect_cmd import decode_row, mix_and_fim_lines
 from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_fixtures import packed_samples, tokenizer_copy
+from prep_helpers import packed_samples, tokenizer_copy
 
 EOS = "<|im_end|>"
 P, S, M = FAMILIES[0]

@@ -18,7 +18,7 @@ from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_fixtures import tokenizer_copy, write_table
+from prep_helpers import tokenizer_copy, write_table
 
 EOS = "<|im_end|>"
 TOOL_TEMPLATE = (

@@ -13,7 +13,7 @@ from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.formats import READERS, BadRecord, Source, count_records, decode, iter_raw
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_fixtures import write_table
+from prep_helpers import write_table
 
 RECORDS = [{"prompt": f"question {i}", "answer": f"answer {i} " * (i % 4 + 1)} for i in range(40)]
 

@@ -18,7 +18,7 @@ from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.data_prep.truncate import left_cut
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_fixtures import packed_samples
+from prep_helpers import packed_samples
 
 EOS = "<|im_end|>"
 

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from train_fixtures import prepared, read_metrics, run_config  # noqa: F401  (session fixture)
+from train_helpers import read_metrics, run_config
 
 from mftcoder_coba.cli import main as cli_main
 from mftcoder_coba.errors import ConfigError
@@ -20,7 +20,7 @@ from mftcoder_coba.training import train, trackers
 from mftcoder_coba.training.trackers import flat_params, scalars
 
 
-def _eval(prepared: Path) -> dict:  # noqa: F811  (not the fixture)
+def _eval(prepared: Path) -> dict:
     return {"data": str(prepared / "valid"), "every": 2}
 
 
@@ -37,7 +37,7 @@ def test_scalars_and_params_are_the_metrics_line_and_the_config() -> None:
         "train.max_steps": "4", "train.report_to": '["wandb"]', "train.keep_best": "null", "run_dir": "r"}
 
 
-def test_tensorboard_flag_keeps_working_and_contradictions_are_refused(prepared: Path,  # noqa: F811
+def test_tensorboard_flag_keeps_working_and_contradictions_are_refused(prepared: Path,
                                                                        tmp_path: Path) -> None:
     assert run_config(prepared, tmp_path / "r").train.trackers == ["tensorboard"]
     assert run_config(prepared, tmp_path / "r", train={"tensorboard": False}).train.trackers == []
@@ -49,7 +49,7 @@ def test_tensorboard_flag_keeps_working_and_contradictions_are_refused(prepared:
         run_config(prepared, tmp_path / "r", train={"report_to": ["comet"]})
 
 
-def test_tensorboard_gets_the_eval_scalars(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_tensorboard_gets_the_eval_scalars(prepared: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = train(run_config(prepared, tmp_path / "run", eval=_eval(prepared), train={"max_steps": 4}))
@@ -62,13 +62,13 @@ def test_tensorboard_gets_the_eval_scalars(prepared: Path, tmp_path: Path) -> No
     assert sorted(logged) == [0, 1, 2, 3, 4] and sorted(e.step for e in events.Scalars("eval_mean")) == [2, 4]
 
 
-def test_a_missing_tracker_package_is_one_line_before_training(prepared: Path, tmp_path: Path,  # noqa: F811
+def test_a_missing_tracker_package_is_one_line_before_training(prepared: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture) -> None:
     real = trackers.importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     config = tmp_path / "run.json"
-    from train_fixtures import run_data, write_config
+    from train_helpers import run_data, write_config
 
     write_config(config, run_data(prepared, tmp_path / "run", train={"report_to": ["tensorboard", "wandb"]}))
     assert cli_main(["train", "--config", str(config)]) == 2
@@ -101,7 +101,7 @@ def _wandb_records(path: Path):
             yield record
 
 
-def test_wandb_offline_gets_every_scalar_and_resumes_the_same_run(prepared: Path, tmp_path: Path,  # noqa: F811
+def test_wandb_offline_gets_every_scalar_and_resumes_the_same_run(prepared: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'mftcoder-coba[wandb]')")
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default
@@ -131,7 +131,7 @@ def test_wandb_offline_gets_every_scalar_and_resumes_the_same_run(prepared: Path
     assert config["train"]["max_steps"] == 4 and config["eval"]["every"] == 2  # the resumed run's config
 
 
-def test_mlflow_local_store_gets_every_scalar_and_the_config(prepared: Path, tmp_path: Path,  # noqa: F811
+def test_mlflow_local_store_gets_every_scalar_and_the_config(prepared: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'mftcoder-coba[mlflow]')")
     from mlflow import MlflowClient

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_fixtures import float64_token_ce, prepared, read_metrics, run_config  # noqa: F401  (fixture)
+from train_helpers import float64_token_ce, read_metrics, run_config
 
 from mftcoder_coba import config_io
 from mftcoder_coba.config import RunConfig
@@ -28,7 +28,7 @@ def _float64_task_means(model: torch.nn.Module, dataset: PackedDataset, rows: np
     return np.array([ce[(tasks == k) & counted].mean().item() for k in range(len(dataset.tasks))])
 
 
-def test_coba_run_writes_the_run_directory_contract(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_coba_run_writes_the_run_directory_contract(prepared: Path, tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run",
                      train={"max_steps": 4, "save_every": 1, "keep_last": 2},
                      balancer={"held_out": "rotate", "update_interval": 2, "valid_rows_per_task": 2,
@@ -78,7 +78,7 @@ def test_coba_run_writes_the_run_directory_contract(prepared: Path, tmp_path: Pa
     np.testing.assert_allclose(sums / counts, [lines[4]["valid_loss"][t] for t in tasks], rtol=1e-6)
 
 
-def test_fresh_run_refuses_a_run_dir_with_checkpoints(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(prepared: Path, tmp_path: Path) -> None:
     from mftcoder_coba.errors import UserError
 
     cfg = run_config(prepared, tmp_path / "run", balancer={"name": "uniform", "options": {}},
@@ -90,7 +90,7 @@ def test_fresh_run_refuses_a_run_dir_with_checkpoints(prepared: Path, tmp_path: 
     assert [r["step"] for r in read_metrics(cfg.run_dir)] == [0, 1]
 
 
-def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", model={"adapter": "lora", "lora": {"r": 4, "dropout": 0.0}},
                      balancer={"name": "uniform", "options": {}}, train={"max_steps": 2, "tensorboard": False})
     run_dir = train(cfg)
@@ -101,7 +101,7 @@ def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path
     assert any("lora_" in name for name, _ in model.named_parameters())
 
 
-def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_path: Path) -> None:
     """optim.master_weights: bf16 reaches DeepSpeed with both optimizers (stochastic rounding, the default, and
     PyTorch's AdamW): the saved master partition and Adam moments are bf16, and training follows the
     fp32-master run of the same bf16 model closely."""
@@ -124,7 +124,7 @@ def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_pa
         np.testing.assert_allclose(losses[name], losses["fp32"], rtol=2e-2)
 
 
-def test_stochastic_rounding_run_resumes_exactly(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_stochastic_rounding_run_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
     """The bf16 AdamW's moments, step counts and random streams come back from a checkpoint: a run stopped
     after step 2 and resumed logs the same steps 3-4 as an uninterrupted run."""
     def cfg(run: str, steps: int) -> RunConfig:
@@ -140,7 +140,7 @@ def test_stochastic_rounding_run_resumes_exactly(prepared: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("name", ["famo", "gradnorm", "uncertainty"])
-def test_learning_balancers_are_fed_and_checkpointed(prepared: Path, tmp_path: Path, name: str) -> None:  # noqa: F811
+def test_learning_balancers_are_fed_and_checkpointed(prepared: Path, tmp_path: Path, name: str) -> None:
     cfg = run_config(prepared, tmp_path / "run", balancer={"name": name, "options": {}},
                      train={"max_steps": 2, "tensorboard": False})
     run_dir = train(cfg)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import (SEQ_LEN, assert_same_run, cli, float64_token_ce, prepared, read_metrics,  # noqa: F401
-                            run_config, run_data, single_thread, write_config)
+from train_helpers import (SEQ_LEN, assert_same_run, cli, float64_token_ce, read_metrics, run_config, run_data,
+                           single_thread, write_config)
 
 from mftcoder_coba.cli import main as cli_main
 from mftcoder_coba.data import PackedDataset
@@ -38,7 +38,7 @@ def _reference(model: torch.nn.Module, dataset: PackedDataset, train_tasks: list
     return out
 
 
-def test_eval_split_every_n_steps_and_at_the_end_equals_a_float64_reference(prepared: Path,  # noqa: F811
+def test_eval_split_every_n_steps_and_at_the_end_equals_a_float64_reference(prepared: Path,
                                                                            tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", eval={"data": str(prepared / "valid"), "every": 3},
                      train={"max_steps": 4, **NO_TB})
@@ -62,7 +62,7 @@ def test_eval_split_every_n_steps_and_at_the_end_equals_a_float64_reference(prep
 
 
 @pytest.fixture(scope="module")
-def subset(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def subset(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two of the four demo tasks, in another order than training's (so their task ids differ)."""
     from mftcoder_coba.data_prep import PrepOptions, prepare
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
@@ -74,7 +74,7 @@ def subset(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  #
     return out
 
 
-def test_a_test_split_of_some_tasks_is_scored_as_the_training_tasks_of_its_names(prepared: Path,  # noqa: F811
+def test_a_test_split_of_some_tasks_is_scored_as_the_training_tasks_of_its_names(prepared: Path,
                                                                                 subset: Path, tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", eval={"data": str(subset / "valid")}, train={"max_steps": 2, **NO_TB})
     run_dir = train(cfg)
@@ -88,7 +88,7 @@ def test_a_test_split_of_some_tasks_is_scored_as_the_training_tasks_of_its_names
         assert logged[task] == pytest.approx(reference[task], rel=1e-5)
 
 
-def test_preflight_refuses_eval_splits_and_metrics_it_cannot_measure(prepared: Path, subset: Path,  # noqa: F811
+def test_preflight_refuses_eval_splits_and_metrics_it_cannot_measure(prepared: Path, subset: Path,
                                                                     tmp_path: Path) -> None:
     # eval tasks that are not training tasks (training on the 2-task split, evaluating all 4)
     cfg = run_config(prepared, tmp_path / "a", data={"train": str(subset / "train"), "valid": str(subset / "valid")},
@@ -134,7 +134,7 @@ STOPPING = {"optim": {"lr": 0.03, "warmup_steps": 1}, "balancer": {"name": "unif
                       "early_stopping": {"metric": "eval.mean", "patience": 2}, **NO_TB}}
 
 
-def _stopping(prepared: Path, **train: object) -> dict:  # noqa: F811  (not the fixture)
+def _stopping(prepared: Path, **train: object) -> dict:
     """Sections of the stopping run (``train`` fields changed as given)."""
     return {**STOPPING, "train": {**STOPPING["train"], **train}, "eval": {"data": str(prepared / "valid"), "every": 2}}
 
@@ -159,7 +159,7 @@ def _rounded(value: object) -> object:
     return value
 
 
-def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.json", run_data(prepared, tmp_path / "killed", **_stopping(prepared)))
     proc = cli("train", "--config", str(config))
     first = tmp_path / "killed" / "checkpoints" / "step-00000004"
@@ -200,7 +200,7 @@ def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path,
     assert read_metrics(tmp_path / "killed") == killed
 
 
-def test_resume_between_evaluations_without_improvement_stops_at_the_same_step(prepared: Path,  # noqa: F811
+def test_resume_between_evaluations_without_improvement_stops_at_the_same_step(prepared: Path,
                                                                               tmp_path: Path) -> None:
     """Resumed from step 8 (one evaluation since the best, the best at 6 kept): the state carries the count."""
     sections = _stopping(prepared, keep_last=3)
@@ -218,7 +218,7 @@ def test_resume_between_evaluations_without_improvement_stops_at_the_same_step(p
             (whole / "checkpoints" / name).read_text())
 
 
-def test_export_best_takes_the_best_checkpoint(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_export_best_takes_the_best_checkpoint(prepared: Path, tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", train={"max_steps": 4, "keep_best": "valid.mean", **NO_TB},
                      balancer={"update_interval": 2})
     run_dir = train(cfg)
@@ -239,7 +239,7 @@ def test_export_best_takes_the_best_checkpoint(prepared: Path, tmp_path: Path) -
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_export_best_without_a_best_checkpoint_is_one_line(prepared: Path, tmp_path: Path,  # noqa: F811
+def test_export_best_without_a_best_checkpoint_is_one_line(prepared: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     run_dir = train(run_config(prepared, tmp_path / "run", train={"max_steps": 1, **NO_TB},
                                balancer={"name": "uniform", "options": {}}))

@@ -8,13 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_fixtures import (REPO, cpu_env, prepared, read_metrics, run_config, run_data,  # noqa: F401
-                            single_thread, write_config)
+from train_helpers import REPO, cpu_env, read_metrics, run_config, run_data, single_thread, write_config
 
 from mftcoder_coba.training import train
 
 
-def _sections(prepared: Path) -> dict:  # noqa: F811  (not the fixture)
+def _sections(prepared: Path) -> dict:
     return {"eval": {"data": str(prepared / "valid"), "every": 2},  # 15 rows: 8 on rank 0, 7 on rank 1
             "balancer": {"name": "uniform", "options": {}}, "optim": {"lr": 0.03, "warmup_steps": 1},
             "train": {"max_steps": 30, "micro_batch_size": 1, "global_batch_size": 4, "zero_stage": 3,
@@ -23,7 +22,7 @@ def _sections(prepared: Path) -> dict:  # noqa: F811  (not the fixture)
 
 
 @pytest.mark.distributed
-def test_two_ranks_score_the_eval_split_and_decide_like_one_process(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_two_ranks_score_the_eval_split_and_decide_like_one_process(prepared: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "two.json", run_data(prepared, tmp_path / "two", **_sections(prepared)))
     proc = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), "2", "--config", str(config)], cwd=REPO,
                           env=cpu_env(), capture_output=True, text=True, timeout=600)

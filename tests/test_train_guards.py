@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import REPO, cpu_env, prepared, read_metrics, run_config, run_data, write_config  # noqa: F401
+from train_helpers import REPO, cpu_env, read_metrics, run_config, run_data, write_config
 
 from mftcoder_coba import cli
 from mftcoder_coba.atomic import output_kind
@@ -38,7 +38,7 @@ def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def data(prepared: Path, tmp_path: Path) -> Path:  # noqa: F811
+def data(prepared: Path, tmp_path: Path) -> Path:
     """A private copy of the prepared demo output (train/, valid/, tokenizer/) to damage."""
     out = tmp_path / "data"
     shutil.copytree(prepared, out)

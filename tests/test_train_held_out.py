@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_fixtures import prepared, read_metrics, run_config, single_thread  # noqa: F401  (fixture)
+from train_helpers import read_metrics, run_config, single_thread
 
 from mftcoder_coba.balancers.coba import ols_fit
 from mftcoder_coba.data import PackedDataset
@@ -28,7 +28,7 @@ def _balancer(held_out: str, rows: int = 2) -> dict:
 
 
 def test_fixed_run_measures_the_same_rows_and_logs_weight_change_and_slope_errors(
-        prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+        prepared: Path, tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", balancer=_balancer("fixed"), **SECTIONS)
     with single_thread():
         run_dir = train(cfg)
@@ -71,7 +71,7 @@ def test_fixed_run_measures_the_same_rows_and_logs_weight_change_and_slope_error
     assert (run_dir / "plots" / "slope_se.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resumed_fixed_run_measures_the_checkpoint_rows(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_resumed_fixed_run_measures_the_checkpoint_rows(prepared: Path, tmp_path: Path) -> None:
     with single_thread():
         straight = train(run_config(prepared, tmp_path / "straight", balancer=_balancer("fixed"), **SECTIONS))
         first = run_config(prepared, tmp_path / "resumed", balancer=_balancer("fixed"),

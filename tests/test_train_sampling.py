@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_fixtures import prepared  # noqa: F401  (fixture)
 
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import ConfigError
 from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutRotation, HeldOutSample
 
 
-def test_global_batch_is_the_same_for_any_world_size_and_epochs_wrap(prepared: Path) -> None:  # noqa: F811
+def test_global_batch_is_the_same_for_any_world_size_and_epochs_wrap(prepared: Path) -> None:
     dataset = PackedDataset(prepared / "train")
     steps_per_epoch = len(dataset) // 8
     one = GlobalBatches(dataset, 8, 2, rank=0, world_size=1, seed=3)
@@ -38,7 +37,7 @@ def test_global_batch_is_the_same_for_any_world_size_and_epochs_wrap(prepared: P
     np.testing.assert_array_equal(resumed.next_global_batch(), one.next_global_batch())
 
 
-def test_held_out_rows_are_stratified_and_rotate(prepared: Path) -> None:  # noqa: F811
+def test_held_out_rows_are_stratified_and_rotate(prepared: Path) -> None:
     valid = PackedDataset(prepared / "valid")
     rotation = HeldOutRotation(valid, seed=0)
     tasks_of = {int(r): int(valid.rows(np.array([r]))["task_ids"].max()) for r in range(len(valid))}
@@ -51,7 +50,7 @@ def test_held_out_rows_are_stratified_and_rotate(prepared: Path) -> None:  # noq
     assert len(rotation.initial(None)) == len(valid) and len(rotation.initial(1)) == len(valid.tasks)
 
 
-def test_held_out_modes_read_the_same_rows_for_the_reference_and_the_updates(prepared: Path) -> None:  # noqa: F811
+def test_held_out_modes_read_the_same_rows_for_the_reference_and_the_updates(prepared: Path) -> None:
     valid = PackedDataset(prepared / "valid")
     rotation = HeldOutRotation(valid, seed=0)
     fixed = HeldOutSample(valid, 0, "fixed", rows_per_task=2)
@@ -71,7 +70,7 @@ def test_held_out_modes_read_the_same_rows_for_the_reference_and_the_updates(pre
         HeldOutSample(valid, 0, "fixed", 2, initial_rows_per_task=3)
 
 
-def test_fixed_rows_come_back_from_the_checkpoint_and_modes_must_match(prepared: Path) -> None:  # noqa: F811
+def test_fixed_rows_come_back_from_the_checkpoint_and_modes_must_match(prepared: Path) -> None:
     valid = PackedDataset(prepared / "valid")
     saved = HeldOutSample(valid, 0, "fixed", rows_per_task=2)
     state = json.loads(json.dumps(saved.state_dict()))

@@ -1,7 +1,7 @@
-"""Shared pieces of the trainer tests: prepared demo shards (made once per process), a tiny Llama, run configs.
+"""Helpers of the trainer tests: a tiny Llama, run configs on the prepared demo shards, metrics, child processes.
 
-Imported by the test modules (``from train_fixtures import ...``). Preparing the shipped demo corpus takes a
-few seconds, so it is cached for the whole pytest process, whichever module asks first.
+Plain functions and constants, imported by the test modules (``from train_helpers import ...``); the
+``prepared`` fixture (the demo shards) lives in ``conftest.py``.
 """
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,23 +33,6 @@ TINY_LLAMA = {
     "max_position_embeddings": SEQ_LEN,
     "tie_word_embeddings": False,
 }
-
-_PREPARED: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped demo corpus prepared at seq_len 64: a folder with ``train/`` and ``valid/``."""
-    if "demo" not in _PREPARED:
-        from mftcoder_coba.data_prep import PrepOptions, prepare
-        from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
-
-        out = tmp_path_factory.mktemp("prepared") / "demo"
-        prepare(PrepOptions(tasks=dict(DEMO_TASKS), tokenizer=TOKENIZER_DIR, seq_len=SEQ_LEN, out=out,
-                            valid_samples_per_task=4, seed=0))
-        _PREPARED["demo"] = out
-    return _PREPARED["demo"]
-
 
 def run_data(prepared: Path, run_dir: Path, **sections: Any) -> dict[str, Any]:
     """Plain config data of a short CPU run on the prepared shards; ``sections`` update whole sections' fields."""
