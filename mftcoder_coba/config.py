@@ -1,8 +1,9 @@
 """The run configuration: one typed tree that drives ``mftcoder-coba train`` (YAML or JSON plus overrides).
 
-Every field has a docstring (the string literal under it); a numeric range is declared on the field itself
-(``bounded(default, ge=...)``, enforced by :func:`mftcoder_coba.config_io.build` with a message naming the dotted
-field) and the rules that involve several fields live in ``validate()``, so a bad value stops the run with one line before any shard is read or model built.
+Every field has a docstring (the string literal under it). A numeric range is declared on the field itself
+(``bounded(default, ge=...)``) and enforced by :func:`mftcoder_coba.config_io.build` with a message naming the
+dotted field; ``validate()`` holds the rules that involve several fields. So a bad value stops the run with one
+line before any shard is read or model built.
 Checks that need the data (shards present, tokenizer/model vocabulary, task names, world size) live in
 :mod:`mftcoder_coba.training.preflight`, which ``train`` runs before anything expensive.
 
