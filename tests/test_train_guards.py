@@ -376,3 +376,17 @@ def test_train_sets_and_restores_the_thread_count(data: Path, tmp_path: Path, mo
         train(_config(data, tmp_path / "run", train={"max_steps": 1, "cpu_threads": 2}))
     assert seen == [2] and torch.get_num_threads() == before
     assert "CPU threads: 2 per rank (train.cpu_threads)" in caplog.text
+
+
+# --- 8. rows longer than the model's positions -----------------------------------------------------------------
+
+def test_rows_longer_than_the_model_positions_are_refused(data: Path, tmp_path: Path) -> None:
+    """Shards of 64-token rows on a model built for 32 positions trained without a word before."""
+    from train_helpers import TINY_LLAMA
+
+    short = {**TINY_LLAMA, "max_position_embeddings": 32}
+    cfg = _config(data, tmp_path / "run", model={"model_config": short})
+    with pytest.raises(ConfigError, match=r"'model.model_config.max_position_embeddings': the shards' rows are 64 "
+                                          r"tokens but the model takes at most max_position_embeddings = 32"):
+        preflight.run(cfg, 1, None)
+    assert not (tmp_path / "run").exists()

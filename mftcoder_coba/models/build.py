@@ -30,11 +30,14 @@ def torch_dtype(cfg: ModelConfig) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
-def check_model(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+def check_model(cfg: ModelConfig, vocab_size: int, seq_len: int | None = None) -> PretrainedConfig:
     """The transformers config ``cfg`` describes, after checking everything a build would need.
 
     ``vocab_size`` is the tokenizer's (the shards' token ids are below it): the model's embedding table must
     have at least that many rows. For a ``model_config`` without ``vocab_size``, the tokenizer's is used.
+    ``seq_len`` (the shards' row length) must not exceed the model's ``max_position_embeddings``: positions
+    past what the model was built for trained without a word before (learned position tables index out of
+    range, rotary models silently extrapolate).
     """
     if cfg.adapter == "qlora":
         _require_qlora()
@@ -46,6 +49,14 @@ def check_model(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
             f"config field '{where}': the tokenizer has {vocab_size} tokens but the model's embeddings have only "
             f"{rows} rows; use the model's own tokenizer to prepare the data (or a model_config with "
             f"vocab_size >= {vocab_size})"
+        )
+    limit = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+    if seq_len is not None and isinstance(limit, int) and 0 < limit < seq_len:
+        where = "model.path" if cfg.path is not None else "model.model_config.max_position_embeddings"
+        raise ConfigError(
+            f"config field '{where}': the shards' rows are {seq_len} tokens but the model takes at most "
+            f"max_position_embeddings = {limit} positions; prepare the data with --seq-len <= {limit}, or use a "
+            "model configured for longer context"
         )
     resolve_attn_implementation(cfg.attn_implementation, torch_dtype(cfg))
     return hf_config
