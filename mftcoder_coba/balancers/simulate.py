@@ -13,12 +13,13 @@ objective ``sum_k w_k L_k / sum_k w_k`` (mean squared error per task, 32 trainin
 - ``slow``: ``sin(2.5 a.x)``, 4000 rows, noise 0.1 — still learning at the end;
 - ``small``: a linear target with only 48 rows and noise 0.7 — fits its noise and overfits.
 
-Every balancer sees the same data, initialisation and batch order, and is fed what its :class:`Needs`
-ask for: held-out losses on a validation sample every ``update_interval`` steps (CoBa, LBTW on
-``valid``), the step's per-task training losses, the same batch re-evaluated after the step (FAMO) and the
-per-task gradient norms at the trunk's last layer (GradNorm). Reported losses come from a separate test
-set, so no balancer is scored on the rows it looked at. The targets have unit variance, so the losses of
-the tasks are on one scale and the noise floors are ``noise ** 2``.
+Every balancer sees the same data, initialisation and batch order, and is fed by the trainer's own protocol
+(:mod:`.feeding`) what its :class:`Needs` ask for: held-out losses on a validation sample every
+``update_interval`` steps (CoBa, LBTW on ``valid``), the step's per-task training losses, the same batch
+re-evaluated after the step (FAMO) and the per-task gradient norms at the trunk's last layer (GradNorm).
+Reported losses come from a separate test set, so no balancer is scored on the rows it looked at. The
+targets have unit variance, so the losses of the tasks are on one scale and the noise floors are
+``noise ** 2``.
 
 Held-out observations, as the trainer's ``balancer.held_out`` takes them: ``rotate`` draws a fresh sample of
 ``valid_rows`` rows per task at every update, ``fixed`` draws one sample once and measures it at every
@@ -38,6 +39,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from torch import nn
 from mftcoder_coba.atomic import atomic_file, atomic_write_text
 from mftcoder_coba.balancers.base import BALANCERS, build_balancer
 from mftcoder_coba.balancers.coba import CoBa
+from mftcoder_coba.balancers.feeding import StepObservations, feed_reference, feed_step, is_update
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.training.sampling import HELD_OUT_MODES
 
@@ -223,9 +226,8 @@ def _train(name: str, cfg: SimulationConfig, problem: Problem) -> Trace:
     held_out = _HeldOut(valid, cfg)
     train_sizes = train.sizes()
     steps, test_losses, weights, divergence = [], [], [], []
-    if needs.validation:
-        with torch.no_grad():
-            balancer.observe(0, losses=held_out.initial(model))
+    with torch.no_grad():
+        feed_reference(balancer, lambda: held_out.initial(model))
     previous, changes = _normalised(balancer.weights()), []
     for step in range(1, cfg.steps + 1):
         w = torch.tensor(balancer.weights(), dtype=torch.float32)
@@ -239,15 +241,14 @@ def _train(name: str, cfg: SimulationConfig, problem: Problem) -> Trace:
         optimizer.zero_grad()
         objective.backward()
         optimizer.step()
+        update = is_update(step, cfg.update_interval)
         with torch.no_grad():
-            if needs.train_losses:
-                balancer.observe(step, train_losses=losses.detach(),
-                                 grad_norms=None if grad_norms is None else torch.stack(grad_norms))
-            if needs.post_step_losses:
-                balancer.observe_post_step(step, model.task_losses(*batch))
-            if needs.validation and step % cfg.update_interval == 0:
-                balancer.observe(step, losses=held_out.update(model))
-            if step % cfg.update_interval == 0:
+            feed_step(balancer, step, StepObservations(
+                train_losses=losses.detach,
+                held_out_losses=partial(held_out.update, model) if update else None,
+                grad_norms=None if grad_norms is None else partial(torch.stack, grad_norms),
+                post_step_losses=partial(model.task_losses, *batch)))
+            if update:
                 current = _normalised(balancer.weights())
                 changes.append(float(np.abs(current - previous).sum()))
                 previous = current

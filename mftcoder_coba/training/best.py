@@ -75,12 +75,18 @@ class MetricWatch:
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue the watch saved in a checkpoint; one of another metric (or none) leaves this one fresh."""
+        if state and state.get("metric") == self.metric:
+            self.best, self.best_step = state.get("best"), state.get("best_step")
+            self.since_best = int(state.get("since_best", 0))
+
     @classmethod
     def resumed(cls, metric: str, min_delta: float, state: dict[str, Any] | None) -> MetricWatch:
         """The watch saved in a checkpoint, or a fresh one when it watched another metric (or none)."""
-        if not state or state.get("metric") != metric:
-            return cls(metric, min_delta)
-        return cls(metric, min_delta, state.get("best"), state.get("best_step"), int(state.get("since_best", 0)))
+        watch = cls(metric, min_delta)
+        watch.load_state_dict(state)
+        return watch
 
 
 def write_best(run_dir: Path, watch: MetricWatch, checkpoint: Path) -> None:

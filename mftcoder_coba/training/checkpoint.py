@@ -6,9 +6,16 @@ Layout of one checkpoint (``run_dir/checkpoints/step-00000010``)::
                          (safetensors + JSON)
     engine/state/*.pt    DeepSpeed's engine.save_checkpoint(): optimizer, scheduler, trainable weights (pickles)
     engine/zero_to_*.py  scripts DeepSpeed copies beside its state (never run by this package)
-    rng/rank-00000.json  python, numpy and torch (CPU and CUDA) RNG states of each rank
-    trainer_state.json   step, data position, balancer.state_dict(), world size
+    rng/rank-00000.json  each rank's ProcessRNG state: python, numpy and torch (CPU and CUDA) generators
+    trainer_state.json   step and the trainer's counters, and each component's state_dict() under its name
+                         (data_position, balancer, held_out, keep_best, early_stopping)
     files.json           every other file's relative path, size and sha256, written last (file_manifest)
+
+The components own their state: each one that a resumed run must continue (the data position, the
+balancer, the held-out sample, the watched metrics) gives ``state_dict()`` / ``load_state_dict()``
+(:class:`Stateful`), and :func:`save` / :func:`load` collect and restore them by name; the trainer names
+them and keeps only its own counters. ``load_state_dict`` gets ``None`` for a component that a checkpoint
+written before it existed lacks, and continues as such a run did (e.g. ``held_out`` -> ``rotate``).
 
 Everything is written into ``checkpoints/.tmp-step-...`` first (a name every rank agrees on, hence not
 :func:`mftcoder_coba.atomic.atomic_directory`'s per-process one) and published by rank 0 when every rank
@@ -32,13 +39,12 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -51,6 +57,7 @@ from mftcoder_coba.models import save_trainable
 from mftcoder_coba.training import distributed
 from mftcoder_coba.training.best import MetricWatch, write_best
 from mftcoder_coba.training.distributed import World
+from mftcoder_coba.training.rng import ProcessRNG
 
 log = logging.getLogger(__name__)
 
@@ -85,35 +92,46 @@ def remove_partial(run_dir: Path) -> None:
         remove_stale(folder)
 
 
-def _rng_state() -> dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *[float(v) if isinstance(v, float) else int(v)
-                                                       for v in np_state[2:]]],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
+class Stateful(Protocol):
+    """A component whose state a checkpoint carries: plain JSON data out, the same data back in."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+Components = Mapping[str, Stateful | None]
+"""The components of a run by their name in trainer_state.json; ``None``: the run has no such component
+(saved as ``null``, nothing restored)."""
+
+
+def trainer_state(step: int, components: Components, counters: Mapping[str, Any]) -> dict[str, Any]:
+    """trainer_state.json's object: ``step``, each component's ``state_dict()`` under its name, the counters."""
+    state: dict[str, Any] = {"step": step}
+    state.update({name: None if part is None else part.state_dict() for name, part in components.items()})
+    state.update(counters)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+def restore(state: Mapping[str, Any], components: Components) -> None:
+    """Load each component's state from a trainer_state.json object (``None`` where the checkpoint has none)."""
+    for name, part in components.items():
+        if part is not None:
+            part.load_state_dict(state.get(name))
 
 
-def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], world: World,
-         keep_last: int, consolidated_state: dict[str, torch.Tensor] | None = None,
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer_state.json object of a checkpoint that verified (:func:`checkpoint_problem`)."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def save(engine: Any, run_dir: Path, step: int, components: Components, counters: Mapping[str, Any],
+         world: World, keep_last: int, consolidated_state: dict[str, torch.Tensor] | None = None,
          best: MetricWatch | None = None) -> Path:
     """Write the checkpoint of ``step`` on every rank (collective), then publish it and prune old ones.
 
+    trainer_state.json is :func:`trainer_state` of ``components`` and ``counters`` (rank 0's); every rank
+    writes its :class:`ProcessRNG` state.
     ``consolidated_state``: under ZeRO-3 the full state dict gathered on rank 0 for ``save_trainable``.
     ``best``: ``train.keep_best``'s watch; its best checkpoint is kept besides the ``keep_last`` newest, and
     when that is this step, ``best.json`` names it before any older best can be pruned.
@@ -126,10 +144,12 @@ def save(engine: Any, run_dir: Path, step: int, trainer_state: dict[str, Any], w
         (tmp / "rng").mkdir(parents=True)
     distributed.barrier(world)
     engine.save_checkpoint(str(tmp / "engine"), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
-    (tmp / "rng" / f"rank-{world.rank:05d}.json").write_text(json.dumps(_rng_state()), encoding="utf-8")
+    rng_state = json.dumps(ProcessRNG().state_dict())
+    (tmp / "rng" / f"rank-{world.rank:05d}.json").write_text(rng_state, encoding="utf-8")
     if world.is_main:
         save_trainable(engine.module, tmp / "model", state_dict=consolidated_state)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        state = trainer_state(step, components, counters)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     distributed.barrier(world)
     if world.is_main:
         write_manifest(tmp)  # the last file: a folder whose files.json verifies was written whole
@@ -239,8 +259,9 @@ def weights_only_loads(engine: Any) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def load(engine: Any, checkpoint: Path, world: World) -> dict[str, Any]:
-    """Restore the engine (weights, optimizer, scheduler) and this rank's RNGs; return trainer_state."""
+def load(engine: Any, checkpoint: Path, world: World, components: Components) -> dict[str, Any]:
+    """Restore the engine (weights, optimizer, scheduler), this rank's RNGs and ``components``; return the
+    trainer_state.json object (for the trainer's counters)."""
     with weights_only_loads(engine):
         path, _ = engine.load_checkpoint(str(checkpoint / "engine"), tag=TAG, load_module_strict=False,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -248,5 +269,7 @@ def load(engine: Any, checkpoint: Path, world: World) -> dict[str, Any]:
         raise UserError(f"{checkpoint / 'engine'}: DeepSpeed found no engine state to load; the checkpoint is damaged")
     rng_file = checkpoint / "rng" / f"rank-{world.rank:05d}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
-        _set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
-    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        ProcessRNG().load_state_dict(json.loads(rng_file.read_text(encoding="utf-8")))
+    state = read_trainer_state(checkpoint)
+    restore(state, components)
+    return state

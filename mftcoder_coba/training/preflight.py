@@ -12,7 +12,6 @@ is allowed (a test set of some tasks), since each row is scored as the training 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,7 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
         check(missing is None, "train.report_to",
               f"{name!r} needs the {missing} package, which is not installed: pip install 'mftcoder-coba[{name}]' "
               f"(or drop {name} from train.report_to)")
-    check_model(cfg.model, train.vocab_size)
+    check_model(cfg.model, train.vocab_size, train.seq_len)
     if cfg.model.adapter == "cgc_lora":  # the clusters name the shards' tasks; the rank budget covers their experts
         cgc = cfg.model.cgc_lora
         cgc.expert_ranks(len(cgc.cluster_layout(train.tasks)[1]))
@@ -123,7 +122,7 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
           f"{t.global_batch_size} is more than the {len(train)} training rows")
     resume_from = checkpoint.resolve_resume(cfg.run_dir, resume)
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
+        saved = checkpoint.read_trainer_state(resume_from)
         check(saved.get("tasks") == train.tasks, "data.train",
               f"tasks {train.tasks} differ from those of checkpoint {resume_from} ({saved.get('tasks')})")
     return Plan(train=train, valid=valid, balancer=balancer, zero_stage=stage, resume_from=resume_from,

@@ -42,7 +42,7 @@ class GlobalBatches:
     """The rows of successive global batches, sliced for one rank and cut into micro-batches."""
 
     def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int,
-                 rank: int, world_size: int, seed: int, position: DataPosition | None = None) -> None:
+                 rank: int, world_size: int, seed: int) -> None:
         if len(dataset) < global_batch_size:
             raise ValueError(f"{len(dataset)} rows cannot fill one global batch of {global_batch_size}")
         self.dataset = dataset
@@ -51,7 +51,7 @@ class GlobalBatches:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.position = position or DataPosition()
+        self.position = DataPosition()
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
@@ -75,6 +75,14 @@ class GlobalBatches:
         per_rank = self.global_batch_size // self.world_size
         mine = global_batch[self.rank * per_rank:(self.rank + 1) * per_rank]
         return [mine[i:i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position (``{"epoch", "index"}``): where the next global batch starts."""
+        return {"epoch": self.position.epoch, "index": self.position.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict` (any world size: the global order does not depend on it)."""
+        self.position = DataPosition(int(state["epoch"]), int(state["index"]))
 
 
 class HeldOutRotation:

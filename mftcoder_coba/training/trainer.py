@@ -8,12 +8,14 @@ The trainer composes; the pieces hold the algorithms. One optimizer step ``s``:
    averaging over accumulation steps and ranks undone, so the summed gradient is exactly that of the spec's L;
 3. forward + ``engine.backward`` per micro-batch (fused linear + per-task CE kernel), then ``engine.step``
    (clipping, AdamW, LR schedule);
-4. per-task training sums all-reduced -> train losses; balancer observations as its ``Needs`` say (held-out
-   sample every ``update_interval`` steps, post-step re-evaluation, head gradient norms);
+4. per-task training sums all-reduced -> train losses; the held-out sample measured every ``update_interval``
+   steps; the balancer fed by :mod:`mftcoder_coba.balancers.feeding` (the one protocol ``simulate`` uses too),
+   which asks for the post-step re-evaluation and head gradient norms only when its ``Needs`` do;
 5. the ``eval:`` split scored in full every ``eval.every`` steps and after the last (:mod:`eval_split`); the
    watched metrics of ``train.keep_best`` and ``train.early_stopping`` judged (:mod:`best`);
 6. metrics line (and trackers, :mod:`trackers`), checkpoint every ``save_every`` steps, at every new best, at
-   the end and when early stopping ends the run.
+   the end and when early stopping ends the run: :mod:`checkpoint` collects the state of each component
+   (data position, balancer, held-out sample, watched metrics, RNGs); the trainer keeps only its counters.
 
 Before the first step: every check of :mod:`preflight` (shard checksums included), then rank 0 locks the run
 directory (:mod:`run_lock`) before writing anything in it. Non-finite losses, gradient norms and weights stop
@@ -25,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import random
 import shutil
 import time
 from pathlib import Path
@@ -37,16 +38,24 @@ from tqdm import tqdm
 
 from mftcoder_coba import config_io
 from mftcoder_coba.atomic import mark_output
+from mftcoder_coba.balancers.feeding import StepObservations, feed_reference, feed_step, is_update
 from mftcoder_coba.config import RunConfig
 from mftcoder_coba.models import build_model, save_base_model
 from mftcoder_coba.training import checkpoint, distributed, divergence, ds_config, preflight, run_lock, threads
 from mftcoder_coba.training.best import MetricWatch, metric_value, write_best
+from mftcoder_coba.training.checkpoint import Components
 from mftcoder_coba.training.divergence import TrainingDiverged
 from mftcoder_coba.training.head_grads import HeadGradNorms
 from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, peak_flops
-from mftcoder_coba.training.objective import (TaskLoss, accumulate_gradients, loss_token_counts,
-                                              objective_value, per_task_mean)
-from mftcoder_coba.training.sampling import DataPosition, GlobalBatches, HeldOutSample
+from mftcoder_coba.training.objective import (
+    TaskLoss,
+    accumulate_gradients,
+    loss_token_counts,
+    objective_value,
+    per_task_mean,
+)
+from mftcoder_coba.training.rng import ProcessRNG
+from mftcoder_coba.training.sampling import GlobalBatches, HeldOutSample
 from mftcoder_coba.training.trackers import open_trackers
 from mftcoder_coba.training.validation import evaluate_per_task
 
@@ -67,12 +76,6 @@ def _prepare_run_dir(cfg: RunConfig, plan: preflight.Plan) -> None:
         for file in plan.tokenizer_files:
             shutil.copyfile(file, cfg.run_dir / "tokenizer" / file.name)
     checkpoint.remove_partial(cfg.run_dir)
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> Path:
@@ -103,7 +106,7 @@ def _train_locked(cfg: RunConfig, plan: preflight.Plan) -> Path:
     if world.is_main:
         _prepare_run_dir(cfg, plan)
     distributed.barrier(world)
-    _seed(cfg.train.seed)
+    ProcessRNG().seed(cfg.train.seed)
     num_tasks = len(plan.train.tasks)
     model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks)
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
@@ -134,7 +137,6 @@ class _Trainer:
         self.model = self.engine.module.module
         self.step = 0
         self.skipped_steps = self.consecutive_skips = 0  # train.nonfinite: skip
-        position = DataPosition()
         b = cfg.balancer
         self.held_out = (HeldOutSample(plan.valid, cfg.train.seed, b.held_out, b.valid_rows_per_task,
                                        b.initial_rows_per_task) if plan.valid is not None else None)
@@ -144,22 +146,18 @@ class _Trainer:
         self.early = MetricWatch(t.early_stopping.metric, t.early_stopping.min_delta) if t.early_stopping else None
         self.new_best = False  # this step measured a new best of train.keep_best
         self.stop_reason: str | None = None  # set when train.early_stopping ends the run
+        self.batches = GlobalBatches(plan.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                     world.rank, world.size, cfg.train.seed)
         tracker_ids = None
         if plan.resume_from is not None:
-            state = checkpoint.load(self.engine, plan.resume_from, world)
+            state = checkpoint.load(self.engine, plan.resume_from, world, self._components())
             self.step = int(state["step"])
-            position = DataPosition(**state["data_position"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
-            self.balancer.load_state_dict(state["balancer"])
-            if self.held_out is not None:
-                self.held_out.load_state_dict(state.get("held_out"))
             self.update_weights = np.array(state.get("update_weights") or self.balancer.weights(), dtype=np.float64)
-            self._resume_watches(state)
+            self._after_resume()
             tracker_ids = state.get("trackers")
             log.info("resumed from %s (step %d)", plan.resume_from, self.step)
-        self.batches = GlobalBatches(plan.train, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                     world.rank, world.size, cfg.train.seed, position)
         self.head_grads = (HeadGradNorms(self.model, self.num_tasks, self.impl)
                            if self.balancer.needs.grad_norms else None)
         resume_step = self.step if plan.resume_from is not None else None
@@ -172,12 +170,28 @@ class _Trainer:
         self.flops_per_token = flops_per_token(self.model, plan.train.seq_len) if peak else None
         self.peak = peak
 
-    def _resume_watches(self, state: dict) -> None:
-        """keep_best / early stopping as the checkpoint left them (fresh when it watched another metric), and
-        ``best.json`` naming the best checkpoint again (a run killed between publishing it and the record)."""
-        t = self.cfg.train
+    def _components(self) -> Components:
+        """What a checkpoint carries besides the engine, the RNGs and the trainer's counters, by its name in
+        trainer_state.json (the names are the format: checkpoints of older versions use them too)."""
+        return {"data_position": self.batches, "balancer": self.balancer, "held_out": self.held_out,
+                "keep_best": self.keep_best, "early_stopping": self.early}
+
+    def _counters(self) -> dict:
+        """The trainer's own part of trainer_state.json (``world_size`` and ``tasks`` are for readers)."""
+        return {
+            "update_weights": self.update_weights.tolist(),
+            "world_size": self.world.size,
+            "tasks": self.tasks,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "early_stopped": self.stop_reason,
+            "trackers": {tracker.name: tracker.run_id for tracker in self.metrics.trackers if tracker.run_id},
+        }
+
+    def _after_resume(self) -> None:
+        """``best.json`` naming the best checkpoint again (a run killed between publishing it and the record),
+        and whether the restored early-stopping watch has already ended the run."""
         if self.keep_best is not None:
-            self.keep_best = MetricWatch.resumed(t.keep_best, 0.0, state.get("keep_best"))
             best = self.keep_best.best_step
             if best is not None and self.world.is_main:
                 path = checkpoint.checkpoints_dir(self.cfg.run_dir) / f"step-{best:08d}"
@@ -187,8 +201,6 @@ class _Trainer:
                     log.warning("the best checkpoint %s (train.keep_best) is gone; the next best measured replaces it",
                                 path)
         if self.early is not None:
-            self.early = MetricWatch.resumed(t.early_stopping.metric, t.early_stopping.min_delta,
-                                             state.get("early_stopping"))
             self.stop_reason = self._stop_reason()
 
     # --- measurements -------------------------------------------------------------------------------
@@ -204,8 +216,7 @@ class _Trainer:
         valid = None
         if self.held_out is not None:
             valid = self._held_out_losses(self.held_out.initial())
-        if self.balancer.needs.validation:
-            self.balancer.observe(0, losses=valid)
+        feed_reference(self.balancer, lambda: valid)
         self.update_weights = self.balancer.weights()
         self.metrics.write(0, weights=self.balancer.weights(), valid_loss=valid)
 
@@ -213,7 +224,6 @@ class _Trainer:
     def _train_step(self) -> None:
         start = time.perf_counter()
         step = self.step + 1
-        needs = self.balancer.needs
         global_rows = self.batches.next_global_batch()
         micro = [self.plan.train.rows(rows) for rows in self.batches.micro_batches(global_rows)]
         counts = distributed.all_reduce_sum(loss_token_counts(micro, self.num_tasks), self.world)
@@ -240,25 +250,17 @@ class _Trainer:
         train_losses = per_task_mean(sums, counts)
         self.step = step
 
-        observed: dict = {}
-        if needs.train_losses:
-            observed["train_losses"] = train_losses
-        if needs.grad_norms:
-            observed["grad_norms"] = self.head_grads.norms(self.world.size)
         valid = valid_s = None
-        if self.held_out is not None and step % self.cfg.balancer.update_interval == 0:
-            update = step // self.cfg.balancer.update_interval
+        update_due = is_update(step, self.cfg.balancer.update_interval)
+        if self.held_out is not None and update_due:
             valid_start = time.perf_counter()
-            valid = self._held_out_losses(self.held_out.sample(update))
+            valid = self._held_out_losses(self.held_out.sample(step // self.cfg.balancer.update_interval))
             valid_s = time.perf_counter() - valid_start  # the losses came back to the host: device work is done
-            if needs.validation:
-                observed["losses"] = valid
-        if observed and (not needs.validation or "losses" in observed):
-            self.balancer.observe(step, **observed)
-        if needs.post_step_losses:
-            post_sums, post_counts = evaluate_per_task(self.model, self.plan.train, global_rows,
-                                                       self.cfg.train.micro_batch_size, impl=self.impl)
-            self.balancer.observe_post_step(step, per_task_mean(post_sums, post_counts))
+        feed_step(self.balancer, step, StepObservations(
+            train_losses=lambda: train_losses,
+            held_out_losses=None if valid is None else lambda: valid,
+            grad_norms=(lambda: self.head_grads.norms(self.world.size)) if self.head_grads is not None else None,
+            post_step_losses=lambda: self._post_step_losses(global_rows)))
         evaluated = eval_s = None
         if self._eval_due(step):
             eval_start = time.perf_counter()
@@ -267,7 +269,7 @@ class _Trainer:
             eval_s = time.perf_counter() - eval_start
         self._judge(step, evaluated, valid)
         weight_change = diagnostics = None
-        if step % self.cfg.balancer.update_interval == 0:
+        if update_due:
             updated = self.balancer.weights()
             weight_change = float(np.abs(updated - self.update_weights).sum())
             self.update_weights, diagnostics = updated, self.balancer.diagnostics()
@@ -287,6 +289,12 @@ class _Trainer:
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f weights %s", step,
                      self.cfg.train.max_steps, record["loss"], lr, grad_norm, tokens_per_s,
                      " ".join(f"{t}={w:.3f}" for t, w in record["weights"].items()))
+
+    def _post_step_losses(self, global_rows: np.ndarray) -> np.ndarray:
+        """The step's global batch re-evaluated at the updated parameters (forward only)."""
+        sums, counts = evaluate_per_task(self.model, self.plan.train, global_rows, self.cfg.train.micro_batch_size,
+                                         impl=self.impl)
+        return per_task_mean(sums, counts)
 
     def _eval_due(self, step: int) -> bool:
         every = self.cfg.eval.every
@@ -348,23 +356,8 @@ class _Trainer:
         if self.plan.zero_stage == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # keys of the TaskLoss wrapper
             consolidated = None if full is None else {k.removeprefix("module."): v for k, v in full.items()}
-        state = {
-            "step": self.step,
-            "data_position": {"epoch": self.batches.position.epoch, "index": self.batches.position.index},
-            "balancer": self.balancer.state_dict(),
-            "held_out": None if self.held_out is None else self.held_out.state_dict(),
-            "update_weights": self.update_weights.tolist(),
-            "world_size": self.world.size,
-            "tasks": self.tasks,
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips,
-            "keep_best": None if self.keep_best is None else self.keep_best.state_dict(),
-            "early_stopping": None if self.early is None else self.early.state_dict(),
-            "early_stopped": self.stop_reason,
-            "trackers": {tracker.name: tracker.run_id for tracker in self.metrics.trackers if tracker.run_id},
-        }
-        path = checkpoint.save(self.engine, self.cfg.run_dir, self.step, state, self.world,
-                               self.cfg.train.keep_last, consolidated, best=self.keep_best)
+        path = checkpoint.save(self.engine, self.cfg.run_dir, self.step, self._components(), self._counters(),
+                               self.world, self.cfg.train.keep_last, consolidated, best=self.keep_best)
         log.info("checkpoint %s", path)
 
     def run(self) -> None:
