@@ -289,10 +289,16 @@ def table(results: list[dict[str, Any]]) -> str:
         s = r.get(key)
         return "" if s is None else f"**{s['median']:.2f}** ({s['min']:.2f}-{s['max']:.2f})"
 
+    def cpu(r: dict[str, Any]) -> str:
+        if "cpu_ratio_raw_to_prep" not in r:
+            return "not measured"
+        before = r.get("cpu_ratio_raw_to_before")
+        return ratio(r, "cpu_ratio_raw_to_prep") + ("" if before is None else f" ({before['median']:.2f})")
+
     lines = [("| tokenizer | corpus | raw `tokenizer(texts[k:k+1000])` | raw, a process per core | prep `--workers 2` "
               "| prep / raw | prep / raw per process | before: prep / raw | before: prep / raw per process "
-              "| start-up (2 records) now / before | peak RSS parent / worker |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| CPU per token: raw / prep (before) | start-up (2 records) now / before | peak RSS parent / worker |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         up = r["startup_s_two_records"]
         lines.append(
@@ -300,6 +306,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {rate(r, 'raw')} | {rate(r, 'raw_per_process')} | {rate(r, 'prep')} "
             f"| {ratio(r, 'ratio_prep_to_raw')} | {ratio(r, 'ratio_prep_to_raw_per_process')} "
             f"| {ratio(r, 'ratio_before_to_raw')} | {ratio(r, 'ratio_before_to_raw_per_process')} "
+            f"| {cpu(r)} "
             f"| {up['prep']:.1f} s / {up.get('prep_before', float('nan')):.1f} s "
             f"| {r['peak_rss_mib']['max']:.0f} / {r['worker_peak_rss_mib']['max']:.0f} MiB |")
     return "\n".join(lines)
