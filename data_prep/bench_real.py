@@ -19,7 +19,7 @@ and of each round's pair are written with machine, date, load and versions to ``
 pre-tokenizer split pattern, special tokens and header/``<|eot_id|>`` chat template, trained on this
 Python's standard-library sources (no download; Meta's own tokenizer cannot be fetched here). Its template
 writes contents verbatim (Llama 3's own trims them, which sends every record down the renderer's exact,
-per-record Jinja path: a renderer matter, measured apart with ``--template-trim``).
+per-record Jinja path: a rendering cost, not measured here).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mftcoder_coba.data_prep.bench import RESULTS_DIR, device, versions
 from mftcoder_coba.data_prep.demo_corpus import documented, make_function
 
@@ -54,10 +55,9 @@ LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ " + _HEADER + " + message['content'] + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
-LLAMA3_TEMPLATE_TRIM = LLAMA3_TEMPLATE.replace("message['content']", "message['content'] | trim")
 
 
-def make_llama3_like(out: Path, trim: bool = False) -> Path:
+def make_llama3_like(out: Path) -> Path:
     """Train the 128k Llama-3-style tokenizer on the standard library's ``.py`` files into ``out``."""
     from tokenizers import (
         Regex,
@@ -89,7 +89,7 @@ def make_llama3_like(out: Path, trim: bool = False) -> Path:
     tokenizer.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
               "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>", "model_max_length": 131072,
-              "chat_template": LLAMA3_TEMPLATE_TRIM if trim else LLAMA3_TEMPLATE}
+              "chat_template": LLAMA3_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -189,8 +189,9 @@ end = time.perf_counter()
 children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
           for f in ("ru_utime", "ru_stime"))
-print(json.dumps({"cpu_s": cpu, "prepare_s": end - imported, "import_s": imported - start, "tokens": m["totals"]["tokens"],
-                  "utilisation": m["utilisation"], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"cpu_s": cpu, "prepare_s": end - imported, "import_s": imported - start,
+                  "tokens": m["totals"]["tokens"], "utilisation": m["utilisation"], "peak_rss_mib": peak,
                   "worker_peak_rss_mib": children}))
 """
 
@@ -302,7 +303,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         up = r["startup_s_two_records"]
         lines.append(
-            f"| {r['tokenizer']} ({r['vocab_size']:,} tokens) | {r['records']:,} records, {r['tokens'] / 1e6:.1f} M tokens "
+            f"| {r['tokenizer']} ({r['vocab_size']:,} tokens) "
+            f"| {r['records']:,} records, {r['tokens'] / 1e6:.1f} M tokens "
             f"| {rate(r, 'raw')} | {rate(r, 'raw_per_process')} | {rate(r, 'prep')} "
             f"| {ratio(r, 'ratio_prep_to_raw')} | {ratio(r, 'ratio_prep_to_raw_per_process')} "
             f"| {ratio(r, 'ratio_before_to_raw')} | {ratio(r, 'ratio_before_to_raw_per_process')} "
