@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto: chat when the tokenizer has one")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (counted by reason in the manifest) instead of stopping")
-    parser.add_argument("--workers", type=int, default=1, help="render/tokenise processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="1: render and tokenise in this process, one thread per core (fastest on small "
+                             "machines); N > 1: N worker processes. The output is the same for any value")
     parser.add_argument("--rows-per-shard", type=int, help="rows per shard file (default: ~256 MiB shards)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out that prep wrote, once the new one is done (never a folder "
