@@ -367,10 +367,11 @@ def test_cpu_threads_resolution() -> None:
 
 def test_train_sets_and_restores_the_thread_count(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    from mftcoder_coba.training import trainer
+    from mftcoder_coba.training.rng import ProcessRNG
 
     seen = []
-    monkeypatch.setattr(trainer, "_seed", lambda seed: (seen.append(torch.get_num_threads()), torch.manual_seed(seed)))
+    monkeypatch.setattr(ProcessRNG, "seed", lambda self, seed: (seen.append(torch.get_num_threads()),
+                                                                torch.manual_seed(seed)))
     before = torch.get_num_threads()
     with caplog.at_level("INFO", logger="mftcoder_coba.training.trainer"):
         train(_config(data, tmp_path / "run", train={"max_steps": 1, "cpu_threads": 2}))
