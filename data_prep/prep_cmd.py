@@ -10,6 +10,30 @@ from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.errors import UserError
 
 
+DEMO = "demo"
+"""``--task demo`` / ``--tokenizer demo``: the corpus and tokenizer that ship with the package, by a name a user
+can type (their install paths are not)."""
+
+
+def parse_tasks(values: list[str]) -> list[tuple[str, Path]]:
+    """Every ``--task``; ``demo`` stands for the four shipped demo tasks."""
+    from mftcoder_coba.demo_data import DEMO_TASKS
+
+    tasks: list[tuple[str, Path]] = []
+    for value in values:
+        tasks.extend(DEMO_TASKS.items() if value.strip() == DEMO else [parse_task(value)])
+    return tasks
+
+
+def tokenizer_path(value: str) -> Path:
+    """``--tokenizer``: a local tokenizer directory, or ``demo`` for the shipped one."""
+    if value.strip() == DEMO and not Path(value).exists():
+        from mftcoder_coba.demo_data import TOKENIZER_DIR
+
+        return Path(TOKENIZER_DIR)
+    return Path(value)
+
+
 def parse_task(value: str) -> tuple[str, Path]:
     name, sep, path = value.partition("=")
     if not sep or not name.strip() or not path.strip():
@@ -42,8 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a task and its data (.jsonl, or .json holding an array or JSON lines, each optionally "
                              ".gz or .bz2; .parquet; .arrow; any case; a directory searched for them; a datasets "
                              "save_to_disk directory; or hf:ORG/DATASET[:CONFIG][@SPLIT] from the Hugging Face Hub or "
-                             "its local cache); repeat per task, task ids follow this order")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="local Hugging Face tokenizer directory")
+                             "its local cache); repeat per task, task ids follow this order; 'demo': the four shipped demo tasks")
+    parser.add_argument("--tokenizer", required=True, type=str,
+                        help="local Hugging Face tokenizer directory; 'demo': the shipped demo tokenizer")
     parser.add_argument("--seq-len", required=True, type=int, help="tokens per packed row")
     parser.add_argument("--out", required=True, type=Path, help="output directory (train/, valid/, tokenizer/)")
     valid = parser.add_mutually_exclusive_group()
@@ -77,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     opts = PrepOptions(
-        tasks=[parse_task(t) for t in args.task], tokenizer=args.tokenizer, seq_len=args.seq_len, out=args.out,
+        tasks=parse_tasks(args.task), tokenizer=tokenizer_path(args.tokenizer), seq_len=args.seq_len, out=args.out,
         valid_fraction=args.valid_fraction, valid_samples_per_task=args.valid_samples_per_task, seed=args.seed,
         overlong=args.overlong, template=args.template, skip_bad=args.skip_bad, workers=args.workers,
         overwrite=args.overwrite, rows_per_shard=args.rows_per_shard,
