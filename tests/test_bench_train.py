@@ -13,6 +13,7 @@ from mftcoder_coba.cli import main as cli
 from mftcoder_coba.data import PackedDataset
 
 
+@pytest.mark.slow
 def test_cli_smoke_writes_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench"
     assert cli(["bench-train", "--tiny", "--steps", "2", "--warmup-steps", "1", "--out", str(out)]) == 0
@@ -28,6 +29,7 @@ def test_cli_smoke_writes_json_and_table(tmp_path: Path, capsys: pytest.CaptureF
     assert report["workload"]["attn_implementation"] == "sdpa" and report["workload"]["num_tasks"] == 8
 
 
+@pytest.mark.slow
 def test_memory_knobs_reach_the_trainer(tmp_path: Path) -> None:
     """--compile, selective checkpointing, ZeRO-1 and bf16 masters run through the trainer and are named in the
     report (bf16 masters make the tiny CPU model bf16 too)."""

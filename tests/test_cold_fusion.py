@@ -53,6 +53,7 @@ def fusion_data(shards: Path, run_dir: Path, **fields) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_fused_model_improves_held_out_loss_of_every_task(shards, tmp_path) -> None:
     cfg = config_io.build(FusionConfig, fusion_data(shards, tmp_path / "run"))
     run_dir = run_cold_fusion(cfg)
@@ -82,6 +83,7 @@ def test_fused_model_improves_held_out_loss_of_every_task(shards, tmp_path) -> N
     assert [json.loads(line) for line in (run_dir / "fusion_metrics.jsonl").read_text().splitlines()] == lines
 
 
+@pytest.mark.slow
 def test_parallel_contributor_failure_names_the_contributor_and_its_log(shards, tmp_path) -> None:
     data = fusion_data(shards, tmp_path / "run", iterations=1, parallel=True)
     data["contributors"] = data["contributors"][:1]                   # one subprocess is enough here
@@ -120,6 +122,7 @@ def test_config_errors_stop_before_any_work(shards, tmp_path, capsys) -> None:
     assert err.startswith("mftcoder-coba: error: ") and "iterations" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sampled_contributors_best_checkpoints_and_unseen_tasks(shards, tmp_path) -> None:
     data = fusion_data(shards, tmp_path / "run", iterations=1, contributors_per_iteration=1, seed=5,
                        contributor_selection="best_valid", unseen_steps=2,
@@ -247,6 +250,7 @@ def test_new_option_errors_name_their_field(shards, tmp_path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_demo_fuses_uniformly(tmp_path) -> None:
     from mftcoder_coba.demo import run_demo
 

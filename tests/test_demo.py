@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ["code_completion", "text_to_code", "code_to_text", "unit_tests"]
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     # A fresh single process: no launcher variables left by in-process training in earlier tests.

@@ -19,6 +19,7 @@ print("ok", world.size)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) start-up path")
+@pytest.mark.slow
 def test_cpu_start_builds_no_extension(tmp_path: Path) -> None:
     extensions = tmp_path / "torch_extensions"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

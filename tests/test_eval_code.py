@@ -46,6 +46,7 @@ def write_problems(path: Path, solutions: list[tuple[str, str, str]]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_all_pass(tmp_path: Path) -> None:
     out = tmp_path / "self.json"
     start = time.monotonic()
@@ -59,6 +60,7 @@ def test_humaneval_canonical_solutions_all_pass(tmp_path: Path) -> None:
     assert {"task_id", "completion", "passed", "status", "seconds"} <= set(samples[0])
 
 
+@pytest.mark.slow
 def test_bad_solutions_fail_with_their_kind_and_never_break_the_harness(tmp_path: Path) -> None:
     bench = write_problems(tmp_path / "bad.jsonl", BAD_SOLUTIONS)
     out = tmp_path / "bad.json"
@@ -72,6 +74,7 @@ def test_bad_solutions_fail_with_their_kind_and_never_break_the_harness(tmp_path
     assert "File too large" in samples["prints_forever"]["detail"] and len(samples["prints_forever"]["output"]) == 2000
 
 
+@pytest.mark.slow
 def test_sandbox_scrubs_the_environment_and_leaves_nothing_behind(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")

@@ -100,6 +100,7 @@ def test_model_directory_matches_plain_transformers(prepared: Path, tmp_path: Pa
     assert result["rows"] == len(valid) and result["target"]["kind"] == "model"
 
 
+@pytest.mark.slow
 def test_every_row_of_a_larger_split_is_counted(prepared: Path, tmp_path: Path) -> None:
     """The train split (several tasks per packed row): tokens per task equal the split's loss tokens."""
     train_split = PackedDataset(prepared / "train")

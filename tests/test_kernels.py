@@ -235,6 +235,7 @@ def test_bad_arguments_are_rejected():
         task_cross_entropy(logits.t().contiguous().t().requires_grad_(True), labels, tasks, scale, inplace=True)
 
 
+@pytest.mark.slow
 def test_top_level_kernels_name_is_inert(tmp_path):
     """With the checkout root on sys.path (``python -m pytest`` from it), transformers' probe for the Hugging
     Face ``kernels`` package imports this folder as ``kernels``: that must neither register the custom ops a
@@ -258,6 +259,7 @@ def test_top_level_kernels_name_is_inert(tmp_path):
     assert out.returncode == 0 and "fine" in out.stdout, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     """The Triton path is registered as custom ops with fake implementations: a compiled graph holds it
     whole (no graph break) and gives the eager numbers, gradient included."""

@@ -60,6 +60,7 @@ def test_layer_options_keep_loss_and_gradients(checkpointing: bool | str, compil
 
 
 @pytest.mark.parametrize("adapter", ["lora", "cgc_lora"])
+@pytest.mark.slow
 def test_compiled_adapters_match_eager(adapter: str) -> None:
     """Adapters under compile: peft LoRA, and CGC-LoRA, whose gates read task ids set outside the compiled
     layers (a new batch's ids must be used, not those seen when the graph was compiled)."""
@@ -79,6 +80,7 @@ def test_compiled_adapters_match_eager(adapter: str) -> None:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_selective_checkpointing_saves_less_under_compile() -> None:
     torch._dynamo.reset()
     saved = {}
@@ -123,6 +125,7 @@ def test_compiled_layers_share_one_graph_across_layers_and_packings() -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
 def test_engine_bytes_per_parameter() -> None:
     """A real DeepSpeed engine on a bf16 model, bytes per parameter between steps / after the last backward:
     ZeRO-0 (bf16 gradient sums) 2 weights + 4 fp32 master + 8 Adam, + 2 gradients; ZeRO-1 with fp32 gradient

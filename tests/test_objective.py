@@ -136,6 +136,7 @@ def test_head_gradient_norms_are_those_of_each_unweighted_task_loss(prepared: Pa
         assert norms[k] == pytest.approx(grad.norm().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fp32_gradient_accumulation_of_a_bf16_model_is_closer_to_float64(prepared: Path, tmp_path: Path) -> None:
     """train.grad_accum_dtype: 32 micro-batches of a bf16 model through a ZeRO-1 engine. Summed in fp32 (the
     default there: DeepSpeed's bf16 optimizer, each gradient added to the fp32 copy in backward) the step's

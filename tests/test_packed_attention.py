@@ -68,6 +68,7 @@ def test_packed_losses_and_gradients_equal_samples_run_alone(arch: str, attn: st
         torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_flex_attention_block_mask_forward_matches_samples_run_alone() -> None:
     # FlexAttention has no CPU backward; its document-causal BlockMask forward is checked here.
     model = _model("llama", "flex_attention")

@@ -43,6 +43,7 @@ def test_series_follow_the_metrics_lines(tmp_path: Path) -> None:
     assert weights["code_completion"] == pytest.approx([1 / 3] + [0.5] * 6)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_pngs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     _metrics(run)

@@ -29,6 +29,7 @@ def prepared(tmp_path_factory):
     return root, args, result
 
 
+@pytest.mark.slow
 def test_prep_prints_tables_and_records_arguments(prepared):
     root, _, result = prepared
     assert "code_completion" in result.stdout and "util %" in result.stdout
@@ -37,6 +38,7 @@ def test_prep_prints_tables_and_records_arguments(prepared):
     assert all(s["samples"] == 3 for s in manifest["task_stats"].values())
 
 
+@pytest.mark.slow
 def test_inspect_and_verify(prepared):
     root, args, _ = prepared
     out = root / "out"

@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mftcoder_coba.data_prep.fim import FAMILIES
 from prep_helpers import tokenizer_copy
+
+pytestmark = pytest.mark.slow  # every test starts prep and inspect as child processes
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

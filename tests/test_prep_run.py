@@ -215,6 +215,7 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out", "x.jsonl"]
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_output_that_looks_complete(tmp_path):
     big = tmp_path / "big.jsonl"
     lines = DEMO_TASKS["code_completion"].read_text().splitlines()

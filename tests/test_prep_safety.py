@@ -120,6 +120,7 @@ def test_a_task_without_held_out_rows_is_warned_about_in_log_and_table(tmp_path,
     assert "(!)" not in printed[:printed.index("/valid:")] and "a (!)" not in valid
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_prep(tmp_path):
     big = tmp_path / "big.jsonl"
     big.write_text("\n".join(DEMO_TASKS["code_completion"].read_text().splitlines() * 20) + "\n")
@@ -149,6 +150,7 @@ def test_workers_die_with_a_killed_prep(tmp_path):
                 child.kill()
 
 
+@pytest.mark.slow
 def test_watchdog_ends_a_worker_whose_parent_died_where_prctl_is_missing():
     # The fallback of systems without PR_SET_PDEATHSIG: a parent starts a child that only runs the watchdog.
     watched = ("import sys; from mftcoder_coba.data_prep.pipeline import _watch_parent; "

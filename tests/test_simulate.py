@@ -15,6 +15,7 @@ from mftcoder_coba.cli import main
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow
 def test_coba_worst_task_beats_uniform(seed: int) -> None:
     cfg = SimulationConfig(steps=500, seed=seed)
     problem = make_problem(cfg)
@@ -25,6 +26,7 @@ def test_coba_worst_task_beats_uniform(seed: int) -> None:
     assert uniform["best_step"]["small"] < 250 and uniform["final_heldout"]["small"] > uniform["best_heldout"]["small"]
 
 
+@pytest.mark.slow
 def test_command_writes_table_picture_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pictures" / "sim.png"
     assert main(["simulate", "--out", str(out), "--steps", "60"]) == 0
@@ -52,6 +54,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_observation_noise_moves_rotating_weights_and_not_fixed_ones() -> None:
     # The same problem and training; only which validation rows CoBa observes and how noisy they are differs.
     base = SimulationConfig(steps=300, seed=0)

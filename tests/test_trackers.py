@@ -101,6 +101,7 @@ def _wandb_records(path: Path):
             yield record
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_every_scalar_and_resumes_the_same_run(prepared: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'mftcoder-coba[wandb]')")
@@ -131,6 +132,7 @@ def test_wandb_offline_gets_every_scalar_and_resumes_the_same_run(prepared: Path
     assert config["train"]["max_steps"] == 4 and config["eval"]["every"] == 2  # the resumed run's config
 
 
+@pytest.mark.slow
 def test_mlflow_local_store_gets_every_scalar_and_the_config(prepared: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'mftcoder-coba[mlflow]')")

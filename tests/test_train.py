@@ -101,6 +101,7 @@ def test_lora_on_random_init_saves_the_base_model(prepared: Path, tmp_path: Path
     assert any("lora_" in name for name, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_path: Path) -> None:
     """optim.master_weights: bf16 reaches DeepSpeed with both optimizers (stochastic rounding, the default, and
     PyTorch's AdamW): the saved master partition and Adam moments are bf16, and training follows the
@@ -124,6 +125,7 @@ def test_bf16_master_weights_keep_optimizer_state_in_bf16(prepared: Path, tmp_pa
         np.testing.assert_allclose(losses[name], losses["fp32"], rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_run_resumes_exactly(prepared: Path, tmp_path: Path) -> None:
     """The bf16 AdamW's moments, step counts and random streams come back from a checkpoint: a run stopped
     after step 2 and resumed logs the same steps 3-4 as an uninterrupted run."""

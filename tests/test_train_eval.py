@@ -38,6 +38,7 @@ def _reference(model: torch.nn.Module, dataset: PackedDataset, train_tasks: list
     return out
 
 
+@pytest.mark.slow
 def test_eval_split_every_n_steps_and_at_the_end_equals_a_float64_reference(prepared: Path,
                                                                            tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", eval={"data": str(prepared / "valid"), "every": 3},
@@ -159,6 +160,7 @@ def _rounded(value: object) -> object:
     return value
 
 
+@pytest.mark.slow
 def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.json", run_data(prepared, tmp_path / "killed", **_stopping(prepared)))
     proc = cli("train", "--config", str(config))
@@ -200,6 +202,7 @@ def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path,
     assert read_metrics(tmp_path / "killed") == killed
 
 
+@pytest.mark.slow
 def test_resume_between_evaluations_without_improvement_stops_at_the_same_step(prepared: Path,
                                                                               tmp_path: Path) -> None:
     """Resumed from step 8 (one evaluation since the best, the best at 6 kept): the state carries the count."""

@@ -228,6 +228,7 @@ def test_non_finite_step_stops_the_run_without_a_checkpoint(data: Path, tmp_path
 
 @pytest.mark.parametrize(("stage", "dtype"), [(0, "fp32"), (2, "fp32"), (0, "bf16"), (1, "bf16")])
 @pytest.mark.parametrize("kind", ["loss", "grad"])
+@pytest.mark.slow
 def test_skipped_step_changes_no_weight_and_holds_the_schedule(data: Path, tmp_path: Path, poison, stage: int,
                                                                dtype: str, kind: str) -> None:
     """Skipped by the trainer (ZeRO-0 fp32, or a non-finite loss) or by DeepSpeed's own check of the norm
@@ -259,6 +260,7 @@ def test_too_many_consecutive_skips_stop_the_run(data: Path, tmp_path: Path, poi
 
 
 @pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.slow
 def test_non_finite_weights_are_never_published(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 stage: int) -> None:
     """A weight that turns non-finite while the step's losses and gradient norm stay finite (an optimizer
@@ -295,6 +297,7 @@ def test_cli_exits_2_with_one_line_on_divergence(data: Path, tmp_path: Path, poi
 
 # --- 5. one run per run directory ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_run_dir_is_refused_naming_the_holder(data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "run.json", run_data(data, run_dir, balancer=UNIFORM,

@@ -27,6 +27,7 @@ def _balancer(held_out: str, rows: int = 2) -> dict:
             "options": {"warmup_steps": 1, "history_length": 4}}
 
 
+@pytest.mark.slow
 def test_fixed_run_measures_the_same_rows_and_logs_weight_change_and_slope_errors(
         prepared: Path, tmp_path: Path) -> None:
     cfg = run_config(prepared, tmp_path / "run", balancer=_balancer("fixed"), **SECTIONS)
@@ -71,6 +72,7 @@ def test_fixed_run_measures_the_same_rows_and_logs_weight_change_and_slope_error
     assert (run_dir / "plots" / "slope_se.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_resumed_fixed_run_measures_the_checkpoint_rows(prepared: Path, tmp_path: Path) -> None:
     with single_thread():
         straight = train(run_config(prepared, tmp_path / "straight", balancer=_balancer("fixed"), **SECTIONS))

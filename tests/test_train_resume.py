@@ -6,11 +6,13 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from train_helpers import assert_same_run, cli, read_metrics, run_config, run_data, single_thread, write_config
 
 from mftcoder_coba.training import train
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(prepared: Path, tmp_path: Path) -> None:
     sections = {"train": {"max_steps": 24, "save_every": 3, "keep_last": 2, "tensorboard": False},
                 "balancer": {"update_interval": 2}}
