@@ -88,10 +88,14 @@ def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: 
 
 
 def _in_range(value: Any, limits: dict[str, float]) -> bool:
+    """Whether ``value`` is within ``limits``; a non-finite number never is (a dataclass may be built directly,
+    past the loader's refusal of inf and NaN)."""
     if value is None or isinstance(value, str):
         return True
     if isinstance(value, (list, tuple)):
         return all(_in_range(item, limits) for item in value)
+    if not math.isfinite(value):
+        return False
     return (("ge" not in limits or value >= limits["ge"]) and ("gt" not in limits or value > limits["gt"])
             and ("le" not in limits or value <= limits["le"]) and ("lt" not in limits or value < limits["lt"]))
 

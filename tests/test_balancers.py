@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from mftcoder_coba.balancers import (BALANCERS, DWA, FAMO, LBTW, Balancer, GradNorm, Needs, Static, Uncertainty,
-                                     Uniform, build_balancer)
+from mftcoder_coba.balancers import (
+    BALANCERS,
+    DWA,
+    FAMO,
+    LBTW,
+    Balancer,
+    GradNorm,
+    Needs,
+    Static,
+    Uncertainty,
+    Uniform,
+    build_balancer,
+)
 from mftcoder_coba.balancers.adam import Adam
 from mftcoder_coba.errors import ConfigError
 
@@ -220,6 +231,19 @@ def test_loading_another_balancers_state_names_the_field() -> None:
 def test_build_balancer_errors_name_the_field(name: str, options: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"'{field}'"):
         build_balancer(name, 3, options)
+
+
+def test_option_ranges_are_declared_on_the_fields_and_hold_for_balancers_built_directly() -> None:
+    """The ranges live on the Options fields (config_io.bounded): a balancer built in Python, past the config
+    loader, is held to them too, inf included."""
+    with pytest.raises(ConfigError, match=r"^config field 'balancer.options.lr': must be > 0, got 0.0$"):
+        FAMO(3, lr=0)
+    with pytest.raises(ConfigError, match=r"^config field 'balancer.options.temperature': must be > 0, got inf$"):
+        DWA(3, temperature=float("inf"))
+    with pytest.raises(ConfigError, match=r"^config field 'balancer.options.history_length': must be >= 2, got 1$"):
+        build_balancer("coba", 3, {"history_length": 1})
+    with pytest.raises(ConfigError, match=r"'balancer.options.init_log_variance': must be a finite number"):
+        Uncertainty(3, init_log_variance=float("nan"))
 
 
 def test_build_balancer_applies_options_and_registry_is_complete() -> None:

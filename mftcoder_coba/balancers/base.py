@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
-from mftcoder_coba.config_io import build, check
+from mftcoder_coba.config_io import build, check, check_ranges
 from mftcoder_coba.errors import ConfigError
 
 OPTIONS_PREFIX = "balancer.options."
@@ -57,13 +58,14 @@ class Balancer(ABC):
     """Per-task loss weights from observations; subclasses register under ``name`` (``class X(Balancer, name=...)``).
 
     The trainer's objective for a step is ``sum_k w_k L_k / sum_{k present} w_k`` with ``w = weights()``
-    read before the step (see ``docs/coba.md``, "The objective the weights are applied to"), so only the relative weights of
-    the tasks present in a batch matter.
+    read before the step (see ``docs/coba.md``, "The objective the weights are applied to"), so only the relative
+    weights of the tasks present in a batch matter.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type]
-    """Frozen dataclass of the method's hyperparameters (``balancer.options``), with ``validate()``."""
+    """Frozen dataclass of the method's hyperparameters (``balancer.options``): numeric ranges declared on the
+    fields (:func:`mftcoder_coba.config_io.bounded`), other rules in an optional ``validate()``."""
     needs: Needs
 
     def __init_subclass__(cls, name: str, **kwargs: Any) -> None:
@@ -75,7 +77,10 @@ class Balancer(ABC):
         if int(num_tasks) != num_tasks or num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
         self.num_tasks = int(num_tasks)
-        options.validate()
+        check_ranges(options, OPTIONS_PREFIX)  # again here: a balancer may be built directly, not from a config
+        validate = getattr(options, "validate", None)
+        if validate is not None:
+            validate()
         self.options = options
 
     def observe(self, step: int, losses: Any = None, *, train_losses: Any = None, grad_norms: Any = None) -> None:
@@ -179,17 +184,6 @@ def build_balancer(name: str, num_tasks: int, options: dict[str, Any] | None = N
 def check_option(condition: bool, key: str, message: str) -> None:
     """:func:`config_io.check` for ``balancer.options.<key>``."""
     check(condition, OPTIONS_PREFIX + key, message)
-
-
-def check_number(key: str, value: float, low: float | None = None, *, strict: bool = False) -> None:
-    """``balancer.options.<key>`` must be finite and ``>= low`` (``> low`` when ``strict``)."""
-    finite = bool(np.isfinite(value))
-    if low is None:
-        check_option(finite, key, "must be a finite number")
-    elif strict:
-        check_option(finite and value > low, key, f"must be a finite number > {low:g}")
-    else:
-        check_option(finite and value >= low, key, f"must be a finite number >= {low:g}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""CoBa, the Convergence Balancer (Gong et al., EMNLP 2024), as ``docs/coba.md`` (the formulation as implemented) states it.
+"""CoBa, the Convergence Balancer (Gong et al., EMNLP 2024), as ``docs/coba.md`` (the formulation as implemented)
+states it.
 
 Why: in multitask fine-tuning some tasks converge fast and then overfit while others are still learning.
 CoBa reads the *slopes of the held-out loss curves*: it raises the weight of tasks that converge slower
@@ -46,23 +47,18 @@ from typing import Any
 
 import numpy as np
 
-from mftcoder_coba.balancers.base import (Balancer, Needs, check_number, check_option, from_json, softmax, to_json,
-                                          update_reference)
+from mftcoder_coba.balancers.base import Balancer, Needs, from_json, softmax, to_json, update_reference
+from mftcoder_coba.config_io import bounded
 
 
 @dataclass(frozen=True)
 class CobaOptions:
-    history_length: int = 200
-    """N: observations per slope fit, and past slopes per ACS window."""
-    warmup_steps: int = 100
+    history_length: int = bounded(200, ge=2)
+    """N: observations per slope fit, and past slopes per ACS window (at least 2: a slope needs two points)."""
+    warmup_steps: int = bounded(100, ge=0)
     """W: updates with uniform weights (their observations still feed the first slope fits)."""
-    tau: float = 5.0
+    tau: float = bounded(5.0, ge=0)
     """Temperature of the divergence factor; 0 makes DF = 1 (RCS only)."""
-
-    def validate(self) -> None:
-        check_option(self.history_length >= 2, "history_length", "must be >= 2 (a slope needs two points)")
-        check_number("warmup_steps", self.warmup_steps, 0)
-        check_number("tau", self.tau, 0)
 
 
 def ols_fit(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,19 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from mftcoder_coba.balancers.base import Balancer, Needs, check_number, from_json, softmax, to_json
+from mftcoder_coba.balancers.base import Balancer, Needs, from_json, softmax, to_json
+from mftcoder_coba.config_io import bounded
 
 
 @dataclass(frozen=True)
 class DwaOptions:
-    temperature: float = 2.0
+    temperature: float = bounded(2.0, gt=0)
     """T: larger flattens the weights toward uniform."""
-    window: int = 20
+    window: int = bounded(20, ge=1)
     """Optimizer steps per averaging window."""
-
-    def validate(self) -> None:
-        check_number("temperature", self.temperature, 0, strict=True)
-        check_number("window", self.window, 1)
 
 
 class DWA(Balancer, name="dwa"):

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from mftcoder_coba.balancers.adam import Adam
-from mftcoder_coba.balancers.base import Balancer, Needs, check_number, from_json, softmax, to_json
+from mftcoder_coba.balancers.base import Balancer, Needs, from_json, softmax, to_json
+from mftcoder_coba.config_io import bounded
 
 _LOSS_EPS = 1e-8
 
@@ -43,14 +44,10 @@ def _shifted(losses: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FamoOptions:
-    lr: float = 0.025
+    lr: float = bounded(0.025, gt=0)
     """Adam learning rate of the task logits."""
-    weight_decay: float = 0.01
+    weight_decay: float = bounded(0.01, ge=0)
     """L2 weight decay on the task logits (keeps them near uniform)."""
-
-    def validate(self) -> None:
-        check_number("lr", self.lr, 0, strict=True)
-        check_number("weight_decay", self.weight_decay, 0)
 
 
 class FAMO(Balancer, name="famo"):

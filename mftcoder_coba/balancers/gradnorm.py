@@ -27,21 +27,18 @@ from typing import Any
 import numpy as np
 
 from mftcoder_coba.balancers.adam import Adam
-from mftcoder_coba.balancers.base import Balancer, Needs, check_number, from_json, to_json, update_reference
+from mftcoder_coba.balancers.base import Balancer, Needs, from_json, to_json, update_reference
+from mftcoder_coba.config_io import bounded
 
 _MIN_WEIGHT = 1e-3
 
 
 @dataclass(frozen=True)
 class GradNormOptions:
-    alpha: float = 1.5
+    alpha: float = bounded(1.5, ge=0)
     """Strength of the pull toward equal training rates (0: equal gradient norms)."""
-    lr: float = 0.025
+    lr: float = bounded(0.025, gt=0)
     """Adam learning rate of the task weights."""
-
-    def validate(self) -> None:
-        check_number("alpha", self.alpha, 0)
-        check_number("lr", self.lr, 0, strict=True)
 
 
 class GradNorm(Balancer, name="gradnorm"):

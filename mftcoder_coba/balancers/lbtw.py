@@ -22,19 +22,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mftcoder_coba.balancers.base import (Balancer, Needs, check_number, check_option, from_json, to_json,
-                                          update_reference)
+from mftcoder_coba.balancers.base import Balancer, Needs, check_option, from_json, to_json, update_reference
+from mftcoder_coba.config_io import bounded
 
 
 @dataclass(frozen=True)
 class LbtwOptions:
-    alpha: float = 0.5
+    alpha: float = bounded(0.5, ge=0)
     """Exponent on the loss ratio; 0 gives uniform weights."""
     source: Literal["train", "valid"] = "train"
     """Which losses to read: the step's training losses or held-out validation losses."""
 
     def validate(self) -> None:
-        check_number("alpha", self.alpha, 0)
         check_option(self.source in ("train", "valid"), "source", "must be 'train' or 'valid'")
 
 

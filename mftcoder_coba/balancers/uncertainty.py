@@ -20,25 +20,26 @@ Trainer feeds: ``Needs(train_losses=True)``: ``observe(s, train_losses=...)`` ev
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mftcoder_coba.balancers.adam import Adam
-from mftcoder_coba.balancers.base import Balancer, Needs, check_number
+from mftcoder_coba.balancers.base import Balancer, Needs, check_option
+from mftcoder_coba.config_io import bounded
 
 
 @dataclass(frozen=True)
 class UncertaintyOptions:
-    lr: float = 0.01
+    lr: float = bounded(0.01, gt=0)
     """Adam learning rate of the log-variances."""
     init_log_variance: float = 0.0
     """Starting ``s_k`` for every task (0: weight 1)."""
 
     def validate(self) -> None:
-        check_number("lr", self.lr, 0, strict=True)
-        check_number("init_log_variance", self.init_log_variance)
+        check_option(math.isfinite(self.init_log_variance), "init_log_variance", "must be a finite number")
 
 
 class Uncertainty(Balancer, name="uncertainty"):
