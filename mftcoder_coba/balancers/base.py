@@ -35,7 +35,8 @@ class Needs:
 
     Every optimizer step the trainer first applies :meth:`Balancer.weights` to the step's objective; the
     observations below are then fed for that step ``s`` in one :meth:`Balancer.observe` call carrying every
-    field that is asked for.
+    field that is asked for. The rules live in :mod:`mftcoder_coba.balancers.feeding`, which the trainer and
+    ``simulate`` both call.
     """
 
     validation: bool = False

@@ -105,9 +105,11 @@ def run(cfg: RunConfig, world_size: int, resume: str | None) -> Plan:
         cgc.expert_ranks(len(cgc.cluster_layout(train.tasks)[1]))
     stage = ds_config.zero_stage(cfg)
     check(not (balancer.needs.grad_norms and stage == 3), "balancer.name",
-          f"'{cfg.balancer.name}' needs per-task gradients of the LM head, which ZeRO-3 partitions; use zero_stage <= 2")
+          f"'{cfg.balancer.name}' needs per-task gradients of the LM head, which ZeRO-3 partitions; "
+          "use zero_stage <= 2")
     check(not (cfg.model.compile and stage == 3), "model.compile",
-          "not supported with ZeRO-3 (its parameter gathering hooks run inside each compiled layer); use zero_stage <= 2")
+          "not supported with ZeRO-3 (its parameter gathering hooks run inside each compiled layer); "
+          "use zero_stage <= 2")
     check(cfg.optim.master_weights == "fp32" or (cfg.model.dtype == "bf16" and stage in (1, 2, 3)),
           "optim.master_weights", "'bf16' needs model.dtype 'bf16' and ZeRO stage 1, 2 or 3 (DeepSpeed's rule)")
     if cfg.model.dtype == "bf16" and cfg.train.grad_accum_dtype == "fp32":
