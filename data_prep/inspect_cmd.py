@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mftcoder_coba.data import IGNORE_INDEX, PackedDataset
-from mftcoder_coba.data_prep import manifest as manifest_io
+from mftcoder_coba.data import manifest as manifest_io
 from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT
 from mftcoder_coba.errors import UserError
 

@@ -42,14 +42,16 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 
 from mftcoder_coba.atomic import OUTPUT_MARKER, check_replaceable, make_temp_dir, mark_output, publish, remove_stale
+from mftcoder_coba.data import manifest as manifest_io
+from mftcoder_coba.data.layout import TOKENIZER_FILES, field_dtypes
 from mftcoder_coba.data_prep import fim
-from mftcoder_coba.data_prep import manifest as manifest_io
 from mftcoder_coba.data_prep.formats import BadRecord, Raw, Source, count_records, decode, is_hub, iter_raw, \
     normalise, place, resolve_sources
 from mftcoder_coba.data_prep.mix import MixPlan, plan_mix
 from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
-from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes
+from mftcoder_coba.data_prep.shards import ShardWriter
+from mftcoder_coba.data_prep.stats import SplitStats
 from mftcoder_coba.data_prep.tokens import Encoder, LazyTokenizer, encode_threads, load_tokenizer, \
     quiet_worker_threads, serial_encode_calls, tokenizer_files_sha256
 from mftcoder_coba.data_prep.truncate import left_cut
@@ -58,9 +60,6 @@ from mftcoder_coba.errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-                   "chat_template.json", "config.json")
 SHARD_BYTES = 256 << 20
 OUTPUT_KIND = "prepared-data"
 """The kind of output (:func:`mftcoder_coba.atomic.mark_output`) a prep OUT is marked with."""
@@ -577,7 +576,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     rows_per_shard = opts.rows_per_shard or max(1, SHARD_BYTES // row_bytes)
     temp = make_temp_dir(out)
     try:
-        stats = {split: manifest_io.SplitStats(len(tasks), opts.seq_len) for split in SPLITS}
+        stats = {split: SplitStats(len(tasks), opts.seq_len) for split in SPLITS}
         for tid, empty in enumerate(skipped_files):
             stats["train"].tasks[tid].skipped.update(empty)
         writers = {split: ShardWriter(temp / split, opts.seq_len, dtypes, pad_id, rows_per_shard) for split in SPLITS}
@@ -693,7 +692,7 @@ def _names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _fate(task: _Task, stats: dict[str, manifest_io.SplitStats], tid: int) -> str:
+def _fate(task: _Task, stats: dict[str, SplitStats], tid: int) -> str:
     """Where a task's records went: how many were held out, skipped and dropped, by reason."""
     parts = [f"{int(task.valid.sum())} of its {task.records} records held out"]
     for what in ("skipped", "dropped"):

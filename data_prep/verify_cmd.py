@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mftcoder_coba.data_prep import manifest as manifest_io
-from mftcoder_coba.data_prep.shards import shard_problem
+from mftcoder_coba.data import manifest as manifest_io
+from mftcoder_coba.data.layout import shard_problem
 from mftcoder_coba.data_prep.tokens import tokenizer_files_sha256
 from mftcoder_coba.errors import UserError
 

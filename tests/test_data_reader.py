@@ -1,8 +1,10 @@
-"""``PackedDataset``: the reader the trainer uses (rows, labels, task rows, per-rank shuffled order)."""
+"""``PackedDataset``: the reader the trainer uses (rows, labels, task rows, errors that name the file)."""
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -55,21 +57,6 @@ def test_task_rows(out):
             assert set(valid[int(r)]["task_ids"].tolist()) <= {t, -1}
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_rank_order_disjoint_covering_equal_and_fresh_each_epoch(out, world_size):
-    ds = PackedDataset(out / "train")
-    n = len(ds)
-    orders = [ds.rank_order(epoch=0, rank=r, world_size=world_size, seed=5) for r in range(world_size)]
-    assert len({len(o) for o in orders}) == 1 and len(orders[0]) == -(-n // world_size)
-    joined = np.concatenate(orders)
-    assert set(joined.tolist()) == set(range(n))  # every row every epoch
-    if n % world_size == 0:
-        assert len(joined) == n  # and then disjoint
-    np.testing.assert_array_equal(orders[0], ds.rank_order(0, 0, world_size, 5))
-    assert not np.array_equal(ds.rank_order(1, 0, world_size, 5), orders[0])
-    assert not np.array_equal(ds.rank_order(0, 0, world_size, 6), orders[0])
-
-
 def test_reader_errors_name_the_problem(out, tmp_path):
     with pytest.raises(UserError, match="prepared data directory not found"):
         PackedDataset(tmp_path / "nope")
@@ -113,3 +100,13 @@ def test_rows_refuse_ids_the_model_cannot_index(out, tmp_path, field, value, mes
         ds.rows(np.array([0, first + 3]))
     with pytest.raises(UserError, match="shard-00001.bin: row 3"):
         ds[first + 3]
+
+
+def test_the_format_package_needs_nothing_of_prep(out):
+    """Reading (rows, the manifest, the tokenizer copy) never imports the writer's side: the format has one home
+    that prep and training both import, so a reader cannot depend on prep's internals."""
+    script = (f"import sys; from mftcoder_coba.data import PackedDataset; ds = PackedDataset({str(out / 'train')!r}); "
+              "ds.rows([0]); assert ds.tokenizer_files(); "
+              "print(sorted(m for m in sys.modules if m.startswith('mftcoder_coba.data_prep')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

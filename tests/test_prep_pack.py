@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mftcoder_coba.data.layout import field_dtypes, file_sha256, row_dtype
 from mftcoder_coba.data_prep.pack import BestFitPacker, Sample
-from mftcoder_coba.data_prep.shards import ShardWriter, field_dtypes, file_sha256, row_dtype
+from mftcoder_coba.data_prep.shards import ShardWriter
 
 
 def _samples(lengths: list[int]) -> list[Sample]:

@@ -19,7 +19,7 @@ from train_helpers import REPO, cpu_env, read_metrics, run_config, run_data, wri
 
 from mftcoder_coba import cli
 from mftcoder_coba.atomic import output_kind
-from mftcoder_coba.data_prep.shards import file_sha256, row_dtype
+from mftcoder_coba.data.layout import file_sha256, row_dtype
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import load_trained
 from mftcoder_coba.training import objective, preflight, train, verified

@@ -251,7 +251,7 @@ def _shard(data: Path) -> Path:
 
 def _rehash(data: Path) -> None:
     """Make the manifest's checksums match damaged shards (what a buggy writer, not a bit flip, would leave)."""
-    from mftcoder_coba.data_prep.shards import file_sha256
+    from mftcoder_coba.data.layout import file_sha256
 
     manifest_path = data / "train" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -272,7 +272,7 @@ def damaged_shards(h: Harness) -> list[Outcome]:
 
     def big_id(data: Path) -> None:
         manifest = json.loads((data / "train" / "manifest.json").read_text())
-        from mftcoder_coba.data_prep.shards import row_dtype
+        from mftcoder_coba.data.layout import row_dtype
 
         dtype = row_dtype(manifest["dtypes"], manifest["seq_len"])
         rows = np.memmap(_shard(data), dtype=dtype, mode="r+")

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mftcoder_coba.data import IGNORE_INDEX
 from mftcoder_coba.kernels import linear_task_cross_entropy
 from mftcoder_coba.models import lm_head
-from mftcoder_coba.training.objective import IGNORE_INDEX
 
 
 class HeadGradNorms:

@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mftcoder_coba.data import IGNORE_INDEX
 from mftcoder_coba.kernels import linear_task_cross_entropy, task_cross_entropy
 from mftcoder_coba.models import causal_lm, hidden_states, lm_head
 
-IGNORE_INDEX = -100
-
 
 def loss_token_counts(batches: list[dict[str, np.ndarray]], num_tasks: int) -> np.ndarray:
-    """Per-task number of loss tokens (label != -100) over ``batches``, float64 (K,)."""
+    """Per-task number of loss tokens (label != IGNORE_INDEX) over ``batches``, float64 (K,)."""
     counts = np.zeros(num_tasks, dtype=np.float64)
     for batch in batches:
         mask = (batch["labels"] != IGNORE_INDEX) & (batch["task_ids"] >= 0)

@@ -1,7 +1,7 @@
 """Which rows each rank reads at each optimizer step, and which held-out rows each balancer update reads.
 
-Training order: one global shuffled order of all rows per epoch (the data reader's order for a single
-reader, seeded by ``train.seed`` and the epoch). Step ``s`` takes the next ``global_batch_size`` rows of it;
+Training order: one global shuffled order of all rows per epoch (a permutation seeded by ``train.seed`` and
+the epoch). Step ``s`` takes the next ``global_batch_size`` rows of it;
 rank ``r`` of ``W`` takes the r-th contiguous slice, cut into micro-batches. The global batch of a step is
 therefore the same for any world size, which is what lets a 2-rank run reproduce a 1-rank run exactly (and a
 run resume on a different number of ranks). The rows left over at the end of an epoch (fewer than a global
@@ -57,7 +57,7 @@ class GlobalBatches:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            self._order = self.dataset.rank_order(epoch, 0, 1, self.seed)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)).astype(np.int64)
             self._order_epoch = epoch
         return self._order
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.data_prep.shards import shard_problem
+from mftcoder_coba.data.layout import shard_problem
 from mftcoder_coba.errors import UserError
 
 log = logging.getLogger(__name__)

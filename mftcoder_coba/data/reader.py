@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from mftcoder_coba.data_prep import manifest as manifest_io
-from mftcoder_coba.data_prep.shards import file_sha256, row_dtype
+from mftcoder_coba.data import manifest as manifest_io
+from mftcoder_coba.data.layout import TOKENIZER_FILES, file_sha256, row_dtype
 from mftcoder_coba.errors import UserError
 
 IGNORE_INDEX = -100
+"""The label of a token with no loss (PyTorch's ``ignore_index`` convention, which the kernels default to)."""
 
 
 class PackedDataset:
@@ -63,12 +64,10 @@ class PackedDataset:
         return folder if folder.is_dir() else None
 
     def tokenizer_files(self) -> list[Path]:
-        """The known tokenizer files (``data_prep.pipeline.TOKENIZER_FILES``) of :attr:`tokenizer_dir`, each
+        """The known tokenizer files (``layout.TOKENIZER_FILES``) of :attr:`tokenizer_dir`, each
         checked against its sha256 in the manifest; [] when there is no tokenizer copy. Other files in that
         folder are never listed. A file that differs, or one the manifest lists but that is missing, is one
         :class:`UserError` naming it."""
-        from mftcoder_coba.data_prep.pipeline import TOKENIZER_FILES  # prep's imports only when asked
-
         folder = self.tokenizer_dir
         if folder is None:
             return []
@@ -169,21 +168,3 @@ class PackedDataset:
                             found[t].append(hit.astype(np.int64) + start + lo)
             self._task_rows = [np.concatenate(f) if f else np.zeros(0, dtype=np.int64) for f in found]
         return self._task_rows[tid]
-
-    def rank_order(self, epoch: int, rank: int, world_size: int, seed: int) -> np.ndarray:
-        """This rank's rows for ``epoch``: a fresh seeded permutation each epoch, dealt round-robin to ranks.
-
-        Every rank gets the same number of rows (``ceil(len / world_size)``): when the split does not divide
-        evenly, the permutation wraps around, so every row is visited every epoch and ranks stay in step.
-        """
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-        n = len(self)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        perm = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
-        per_rank = -(-n // world_size)
-        total = per_rank * world_size
-        if total > n:
-            perm = np.concatenate([perm, perm[np.arange(total - n) % n]])
-        return perm[rank::world_size]
