@@ -67,7 +67,8 @@ def test_deepspeed_config_from_file_with_run_config_overriding(tmp_path: Path) -
     cfg = config_io.build(RunConfig, data)
     ds = ds_config.build(cfg, world_size=2, on_cuda=False)
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_scatter"] is True
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batch == (16, 2, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
     assert "fused" not in ds["optimizer"]["params"]
