@@ -127,10 +127,10 @@ def device() -> str:
 
 
 def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import tokenizers
     import transformers
-
-    from importlib.metadata import version
 
     return {"python": platform.python_version(), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
             "transformers": transformers.__version__, "mftcoder-coba": version("mftcoder-coba")}

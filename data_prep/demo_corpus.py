@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "mftcoder_coba" / "demo_data"
 TASK_SIZES = {"code_completion": 2400, "text_to_code": 900, "code_to_text": 600, "unit_tests": 120}
@@ -67,7 +68,8 @@ def _op(key: str, names: str, args: str, doc: str, returns: str, *bodies: tuple[
 LOOP = "a simple loop"
 OPS: tuple[Op, ...] = (
     _op("sum", "total sum_values add_all", "ints", "Return the sum of the numbers in {a}.", "int",
-        (LOOP, "result = 0\nfor {v} in {a}:\n    result += {v}\nreturn result"), ("the built-in sum", "return sum({a})")),
+        (LOOP, "result = 0\nfor {v} in {a}:\n    result += {v}\nreturn result"),
+        ("the built-in sum", "return sum({a})")),
     _op("product", "product multiply_all prod_of", "ints", "Return the product of the numbers in {a}.", "int",
         (LOOP, "result = 1\nfor {v} in {a}:\n    result *= {v}\nreturn result")),
     _op("max", "largest max_value biggest", "ints", "Return the largest number in {a}.", "int",

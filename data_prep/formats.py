@@ -18,17 +18,18 @@ table rows).
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import json
 import logging
 import os
 import re
 import zlib
-import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 from mftcoder_coba.errors import UserError
 

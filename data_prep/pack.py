@@ -10,6 +10,7 @@ the output is a deterministic function of the sample order.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+
 import numpy as np
 
 

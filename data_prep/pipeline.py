@@ -34,10 +34,11 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,15 +46,32 @@ from mftcoder_coba.atomic import OUTPUT_MARKER, check_replaceable, make_temp_dir
 from mftcoder_coba.data import manifest as manifest_io
 from mftcoder_coba.data.layout import TOKENIZER_FILES, field_dtypes
 from mftcoder_coba.data_prep import fim
-from mftcoder_coba.data_prep.formats import BadRecord, Raw, Source, count_records, decode, is_hub, iter_raw, \
-    normalise, place, resolve_sources
+from mftcoder_coba.data_prep.formats import (
+    BadRecord,
+    Raw,
+    Source,
+    count_records,
+    decode,
+    is_hub,
+    iter_raw,
+    normalise,
+    place,
+    resolve_sources,
+)
 from mftcoder_coba.data_prep.mix import MixPlan, plan_mix
 from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
 from mftcoder_coba.data_prep.shards import ShardWriter
 from mftcoder_coba.data_prep.stats import SplitStats
-from mftcoder_coba.data_prep.tokens import Encoder, LazyTokenizer, encode_threads, load_tokenizer, \
-    quiet_worker_threads, serial_encode_calls, tokenizer_files_sha256
+from mftcoder_coba.data_prep.tokens import (
+    Encoder,
+    LazyTokenizer,
+    encode_threads,
+    load_tokenizer,
+    quiet_worker_threads,
+    serial_encode_calls,
+    tokenizer_files_sha256,
+)
 from mftcoder_coba.data_prep.truncate import left_cut
 from mftcoder_coba.errors import UserError
 

@@ -9,7 +9,6 @@ from mftcoder_coba.data_prep.inspect_cmd import print_tables
 from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.errors import UserError
 
-
 DEMO = "demo"
 """``--task demo`` / ``--tokenizer demo``: the corpus and tokenizer that ship with the package, by a name a user
 can type (their install paths are not)."""
@@ -66,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a task and its data (.jsonl, or .json holding an array or JSON lines, each optionally "
                              ".gz or .bz2; .parquet; .arrow; any case; a directory searched for them; a datasets "
                              "save_to_disk directory; or hf:ORG/DATASET[:CONFIG][@SPLIT] from the Hugging Face Hub or "
-                             "its local cache); repeat per task, task ids follow this order; 'demo': the four shipped demo tasks")
+                             "its local cache); repeat per task, task ids follow this order; 'demo': the four "
+                             "shipped demo tasks")
     parser.add_argument("--tokenizer", required=True, type=str,
                         help="local Hugging Face tokenizer directory; 'demo': the shipped demo tokenizer")
     parser.add_argument("--seq-len", required=True, type=int, help="tokens per packed row")

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from mftcoder_coba import atomic
-from mftcoder_coba.atomic import (atomic_directory, atomic_file, atomic_write_bytes, atomic_write_text, discard,
-                                  publish, remove_stale)
+from mftcoder_coba.atomic import (
+    atomic_directory,
+    atomic_file,
+    atomic_write_bytes,
+    atomic_write_text,
+    discard,
+    publish,
+    remove_stale,
+)
 from mftcoder_coba.errors import UserError
 
 

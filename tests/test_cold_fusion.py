@@ -243,6 +243,7 @@ def test_new_option_errors_name_their_field(shards, tmp_path) -> None:
     data["template"]["balancer"]["update_interval"] = 1
     assert "keep_last >= 3" in error_of(data)
     data["template"]["train"]["keep_last"] = 3
+    data["template"]["balancer"]["held_out"] = "rotate"  # the default, fixed, measures the same rows each time
     assert "balancer.held_out" in error_of(data)
     unseen = {"name": "again", "train": str(shards / "bob" / "train"), "valid": str(shards / "bob" / "valid")}
     assert "unseen[0]" in error_of(fusion_data(shards, tmp_path / "run", unseen=[unseen]))   # in the pool

@@ -30,7 +30,8 @@ def out(tmp_path_factory):
 def test_rows_match_single_items_across_shards(out):
     ds = PackedDataset(out / "train")
     assert len(ds) > 14 and len(ds.manifest["shards"]) > 2
-    assert ds.tasks == list(DEMO_TASKS) and ds.seq_len == 128 and ds.vocab_size == ds.manifest["tokenizer"]["vocab_size"]
+    assert ds.tasks == list(DEMO_TASKS) and ds.seq_len == 128
+    assert ds.vocab_size == ds.manifest["tokenizer"]["vocab_size"]
     idx = np.array([len(ds) - 1, 0, 8, 7, 8], dtype=np.int64)
     batch = ds.rows(idx)
     assert set(batch) == {"input_ids", "labels", "task_ids", "position_ids"}

@@ -16,8 +16,8 @@ from mftcoder_coba.cli import main as cli
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.eval_code_cmd import parse_ks
-from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
 from mftcoder_coba.evaluation.problems import load_benchmark, read_problems, truncate_at_stop
+from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
 from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_program
 
 # (task_id, canonical solution of ``def f(x):`` whose test wants f(2) == 4, the outcome it must get)

@@ -20,13 +20,18 @@ import pytest
 import torch
 
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.kernels import linear_task_cross_entropy, reference_task_cross_entropy, task_cross_entropy
-from mftcoder_coba.kernels import task_ce_torch
+from mftcoder_coba.kernels import (
+    linear_task_cross_entropy,
+    reference_task_cross_entropy,
+    task_ce_torch,
+    task_cross_entropy,
+)
 
 # Triton on CPU tensors needs its interpreter (conftest sets it on machines without CUDA)
 IMPLS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ROUNDING = {torch.float32: (1e-5, 1e-9), torch.float16: (2.0**-11 + 1e-5, 2.0**-24), torch.bfloat16: (2.0**-7 + 1e-5, 1e-9)}
+ROUNDING = {torch.float32: (1e-5, 1e-9), torch.float16: (2.0**-11 + 1e-5, 2.0**-24),
+            torch.bfloat16: (2.0**-7 + 1e-5, 1e-9)}
 N, V, T = 37, 301, 5
 
 
@@ -246,15 +251,16 @@ def test_top_level_kernels_name_is_inert(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     code = (
-        "import sys, torch; sys.path.insert(0, %r)\n"
+        f"import sys, torch; sys.path.insert(0, {str(root)!r})\n"
         "from mftcoder_coba.kernels import linear_task_cross_entropy\n"
         "import transformers.utils.import_utils as u\n"
         "assert not u.is_kernels_available()\n"
         "import kernels; assert not hasattr(kernels, 'task_cross_entropy')\n"
         "h, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4)\n"
-        "loss, _, _ = linear_task_cross_entropy(h, w, torch.arange(6), torch.zeros(6, dtype=torch.long), torch.ones(1))\n"
+        "loss, _, _ = linear_task_cross_entropy(h, w, torch.arange(6), torch.zeros(6, dtype=torch.long),\n"
+        "                                       torch.ones(1))\n"
         "loss.backward(); print('fine')\n"
-    ) % str(root)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and "fine" in out.stdout, out.stderr[-2000:]
 

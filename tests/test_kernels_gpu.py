@@ -14,7 +14,8 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.kernels import linear_task_cross_entropy, reference_task_cross_entropy, task_cross_entropy
 
 pytestmark = pytest.mark.gpu
-ROUNDING = {torch.float32: (1e-5, 1e-9), torch.float16: (2.0**-11 + 1e-5, 2.0**-24), torch.bfloat16: (2.0**-8 + 1e-5, 1e-9)}
+ROUNDING = {torch.float32: (1e-5, 1e-9), torch.float16: (2.0**-11 + 1e-5, 2.0**-24),
+            torch.bfloat16: (2.0**-8 + 1e-5, 1e-9)}
 
 
 def make(n, v, t, dtype, seed):

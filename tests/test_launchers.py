@@ -7,8 +7,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_helpers import (REPO, assert_same_run, cpu_env, read_metrics, run_config, run_data, single_thread,
-                           write_config)
+from train_helpers import (
+    REPO,
+    assert_same_run,
+    cpu_env,
+    read_metrics,
+    run_config,
+    run_data,
+    single_thread,
+    write_config,
+)
 
 from mftcoder_coba.training import train
 from mftcoder_coba.training.distributed import free_port

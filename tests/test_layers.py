@@ -7,9 +7,8 @@ import torch
 
 from mftcoder_coba.bench_memory import saved_bytes
 from mftcoder_coba.config_io import build
-from mftcoder_coba.errors import ConfigError
+from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import ModelConfig, build_model, hidden_states, lm_head
-from mftcoder_coba.errors import UserError
 from mftcoder_coba.models.layers import checkpointing_kwargs, compile_layers, decoder_layers
 
 VOCAB = 64

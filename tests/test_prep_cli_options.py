@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from prep_helpers import tokenizer_copy
 
 from mftcoder_coba.data_prep.fim import FAMILIES
-from prep_helpers import tokenizer_copy
 
 pytestmark = pytest.mark.slow  # every test starts prep and inspect as child processes
 

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from prep_helpers import packed_samples, tokenizer_copy
 
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.data_prep import PrepOptions, prepare
@@ -15,7 +16,6 @@ from mftcoder_coba.data_prep.inspect_cmd import decode_row, mix_and_fim_lines
 from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_helpers import packed_samples, tokenizer_copy
 
 EOS = "<|im_end|>"
 P, S, M = FAMILIES[0]

@@ -9,16 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prep_helpers import tokenizer_copy, write_table
 
+from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.data_prep import PrepOptions, prepare
-from mftcoder_coba.data_prep.formats import BadRecord, Chat, Completion, HubDataset, Source, count_records, \
-    iter_raw, normalise, parse_hub
+from mftcoder_coba.data_prep.formats import (
+    BadRecord,
+    Chat,
+    Completion,
+    HubDataset,
+    Source,
+    count_records,
+    iter_raw,
+    normalise,
+    parse_hub,
+)
 from mftcoder_coba.data_prep.render import Renderer
 from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer
-from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_helpers import tokenizer_copy, write_table
 
 EOS = "<|im_end|>"
 TOOL_TEMPLATE = (
@@ -164,7 +173,7 @@ def test_malformed_variants_name_path_line_and_are_counted_by_reason(tmp_path):
     for record, _, _ in BAD:
         records += [record, good]
     data = _jsonl(tmp_path / "bad.jsonl", records)
-    for k, (record, reason, fragment) in enumerate(BAD):
+    for k, (record, _reason, fragment) in enumerate(BAD):
         one = _jsonl(tmp_path / f"one{k}.jsonl", [good, good, record])
         with pytest.raises(UserError) as caught:
             prepare(_opts({"t": one}, tmp_path / f"out{k}"))

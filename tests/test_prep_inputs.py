@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from prep_helpers import write_table
 
 from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.formats import READERS, BadRecord, Source, count_records, decode, iter_raw
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_helpers import write_table
 
 RECORDS = [{"prompt": f"question {i}", "answer": f"answer {i} " * (i % 4 + 1)} for i in range(40)]
 
@@ -78,7 +78,8 @@ def test_one_table_maps_every_suffix_to_its_reader(tmp_path):
                              bz2.compress(data) if suffix.endswith(".bz2") else data)
         assert count_records(Source(path)) == 3
         assert [decode(raw, str(path), line) for line, _, raw in iter_raw(Source(path))] == RECORDS[:3]
-    with pytest.raises(UserError, match=r"notes\.txt: task 't': not a record file: expected \.arrow, \.json, \.jsonl, \.parquet"):
+    with pytest.raises(UserError,
+                       match=r"notes\.txt: task 't': not a record file: expected \.arrow, \.json, \.jsonl, \.parquet"):
         prepare(_opts({"t": _write(tmp_path / "notes.txt", b"{}")}, tmp_path / "out"))
     with pytest.raises(UserError, match=r"empty: task 't': directory holds no record files .*skipped 1: a\.txt"):
         prepare(_opts({"t": _write(tmp_path / "empty" / "a.txt", b"{}").parent}, tmp_path / "out"))

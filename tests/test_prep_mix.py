@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prep_helpers import packed_samples
 
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.data_prep import PrepOptions, prepare
@@ -18,7 +19,6 @@ from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.data_prep.truncate import left_cut
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
-from prep_helpers import packed_samples
 
 EOS = "<|im_end|>"
 

@@ -39,8 +39,10 @@ def test_every_sample_lands_whole_in_exactly_one_row():
 
 def test_packing_is_deterministic_and_bounded():
     lengths = [7, 3, 9, 1, 10, 2, 5, 5, 8, 4] * 50
-    a = [[len(s) for s in row] for row in _pack(BestFitPacker(10, buffer_tokens=40, max_open_rows=4), _samples(lengths))]
-    b = [[len(s) for s in row] for row in _pack(BestFitPacker(10, buffer_tokens=40, max_open_rows=4), _samples(lengths))]
+    a = [[len(s) for s in row] for row in _pack(BestFitPacker(10, buffer_tokens=40, max_open_rows=4),
+                                                 _samples(lengths))]
+    b = [[len(s) for s in row] for row in _pack(BestFitPacker(10, buffer_tokens=40, max_open_rows=4),
+                                                 _samples(lengths))]
     assert a == b
     packer = BestFitPacker(10, buffer_tokens=40, max_open_rows=4)
     for s in _samples(lengths):

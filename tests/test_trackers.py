@@ -16,7 +16,7 @@ from train_helpers import read_metrics, run_config
 
 from mftcoder_coba.cli import main as cli_main
 from mftcoder_coba.errors import ConfigError
-from mftcoder_coba.training import train, trackers
+from mftcoder_coba.training import trackers, train
 from mftcoder_coba.training.trackers import flat_params, scalars
 
 

@@ -13,8 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import (SEQ_LEN, assert_same_run, cli, float64_token_ce, read_metrics, run_config, run_data,
-                           single_thread, write_config)
+from train_helpers import (
+    SEQ_LEN,
+    assert_same_run,
+    cli,
+    float64_token_ce,
+    read_metrics,
+    run_config,
+    run_data,
+    single_thread,
+    write_config,
+)
 
 from mftcoder_coba.cli import main as cli_main
 from mftcoder_coba.data import PackedDataset

@@ -1,5 +1,6 @@
 """``balancer.held_out`` in a real run: which rows L_k(0) and every update measure, the per-update weight
-change and CoBa's slope diagnostics in metrics.jsonl (and their plot), and a resumed ``fixed`` run measuring the checkpoint's rows."""
+change and CoBa's slope diagnostics in metrics.jsonl (and their plot), and a resumed ``fixed`` run measuring the
+checkpoint's rows."""
 from __future__ import annotations
 
 import json
