@@ -208,13 +208,21 @@ def kill_prep(h: Harness, kills: int) -> list[Outcome]:
     return out
 
 
+def _wait_for_lines(run_dir: Path, proc: subprocess.Popen, lines: int, timeout: float = 300) -> None:
+    """Wait until the run has written ``lines`` metrics lines (or ended)."""
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.02)
+
+
 def kill_train(h: Harness, kills: int) -> list[Outcome]:
-    """SIGKILL training (steps and checkpoint saves alike) at random moments, then ``--resume auto``: the resumed
-    run's per-step losses equal an uninterrupted run's."""
+    """SIGKILL training at random steps (and so sometimes inside a checkpoint save: one every 2 steps), then
+    ``--resume auto``: the resumed run's per-step losses equal an uninterrupted run's."""
     ref_dir = h.fresh("train_ref") / "run"
-    start = time.time()
     ref = h.train(h.config(ref_dir))
-    full = time.time() - start
     if ref.returncode != 0:
         return [Outcome("reference run", "exit 0", last_line(ref), False, False)]
     reference = metrics(ref_dir)
@@ -222,9 +230,10 @@ def kill_train(h: Harness, kills: int) -> list[Outcome]:
     for i in range(kills):
         run_dir = h.fresh(f"train_kill_{i}") / "run"
         cfg = h.config(run_dir)
-        delay = h.rng.uniform(0.3 * full, 0.95 * full)
+        lines, extra = h.rng.randint(2, 8), h.rng.uniform(0.0, 0.4)  # after step lines-1, then a little more
         proc = h.start("train", "--config", str(cfg))
-        time.sleep(delay)
+        _wait_for_lines(run_dir, proc, lines)
+        time.sleep(extra)
         finished = proc.poll() is not None
         if not finished:
             kill_tree(proc)
@@ -233,7 +242,7 @@ def kill_train(h: Harness, kills: int) -> list[Outcome]:
         ok = resumed.returncode == 0 and same_losses(metrics(run_dir), reference)
         observed = (f"{'finished first' if finished else 'killed'}; checkpoints then {saved[-1] if saved else 'none'}; "
                     f"resume exit {resumed.returncode}; losses {'equal' if ok else 'DIFFER'}")
-        out.append(Outcome(f"train killed at {delay:.1f}s of {full:.0f}s (#{i})",
+        out.append(Outcome(f"train killed {extra:.2f}s after step {lines - 1} of 8 (#{i})",
                            "resume --auto continues; per-step losses equal the uninterrupted run", observed,
                            resumed.returncode != 0, ok))
     return out
@@ -339,24 +348,24 @@ def damaged_checkpoints(h: Harness) -> list[Outcome]:
 
 
 def concurrent_runs(h: Harness) -> list[Outcome]:
-    """A second train on a run directory in use is refused; the first finishes with clean metrics."""
+    """Two ``train`` commands started together on one run directory (the second with another seed and
+    ``--resume auto``): one trains, the other is refused by the run-directory lock naming the holder, and the
+    metrics hold each step exactly once."""
     run_dir = h.fresh("concurrent") / "run"
-    steps_total = 40
-    first = h.start("train", "--config", str(h.config(run_dir, steps=steps_total)))
-    deadline = time.time() + 300
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    # --resume auto: the checkpoint rule would let it in, so only the run-directory lock stands in the way
-    second = h.train(h.config(run_dir, steps=steps_total, name="second", seed=99), "--resume", "auto")
-    still_running = first.poll() is None
-    first.communicate()
-    steps = [r["step"] for r in metrics(run_dir)] if first.returncode == 0 else []
-    ok = (still_running and second.returncode != 0 and first.returncode == 0
-          and steps == list(range(0, steps_total + 1)))
-    return [Outcome("two train runs on one run_dir", "the second refused naming the holder; the first unharmed",
-                    f"second (--resume auto, while the first ran: {still_running}) exit {second.returncode}: "
-                    f"{last_line(second)}; first exit {first.returncode}, {len(steps)} metric lines",
-                    first.returncode != 0, ok)]
+    steps_total = 150
+    runs = [h.start("train", "--config", str(h.config(run_dir, steps=steps_total, save_every=50))),
+            h.start("train", "--config", str(h.config(run_dir, steps=steps_total, name="second", seed=99)),
+                    "--resume", "auto")]
+    outputs = [proc.communicate()[0] for proc in runs]
+    codes = [proc.returncode for proc in runs]
+    winners = [i for i, code in enumerate(codes) if code == 0]
+    loser = 1 - winners[0] if len(winners) == 1 else None
+    refusal = last_line(outputs[loser]) if loser is not None else ""
+    steps = [r["step"] for r in metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+    ok = loser is not None and "pid" in refusal and steps == list(range(0, steps_total + 1))
+    return [Outcome("two train runs started together on one run_dir", "one trains; the other is refused naming the "
+                    "holder; each step logged once", f"exit codes {codes}: {refusal}; {len(steps)} metric lines",
+                    len(winners) != 1, ok)]
 
 
 class _Evil:
