@@ -544,9 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="mftcoder-faults-"))
     start = time.time()
+    outcomes: list[Outcome] = []
     try:
         h = Harness(work, args.seed)
-        outcomes: list[Outcome] = []
         for name, case in CASES.items():
             if args.only and name not in args.only:
                 continue
@@ -558,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    for o in outcomes:  # the scratch folder's name says nothing; keep the table readable
+        o.observed = o.observed.replace(str(work), "WORK")
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
               "seconds": round(time.time() - start, 1), "seed": args.seed, "kills": args.kills,
               "outcomes": [asdict(o) for o in outcomes]}
