@@ -40,3 +40,19 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepare(PrepOptions(tasks=dict(DEMO_TASKS), tokenizer=TOKENIZER_DIR, seq_len=SEQ_LEN, out=out,
                         valid_samples_per_task=4, seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two-step trainer runs (full, LoRA, CGC-LoRA) on the prepared demo shards, shared by the export and eval
+    tests (which only read them or work on copies)."""
+    from train_helpers import run_config
+
+    from mftcoder_coba.training import train
+
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for adapter in ("none", "lora", "cgc_lora"):
+        model = {"adapter": adapter, "lora": {"dropout": 0.0}, "cgc_lora": {"dropout": 0.0}}
+        made[adapter] = train(run_config(prepared, root / adapter, model=model, train={"max_steps": 2}))
+    return made

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import TINY_LLAMA, run_config
+from train_helpers import TINY_LLAMA
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mftcoder_coba.cli import main as cli
@@ -76,19 +76,6 @@ def assert_matches(result: dict, expected: dict[str, tuple[float, int]]) -> None
         assert row["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), task
         assert row["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert result["mean_loss"] == pytest.approx(np.mean([v[0] for v in expected.values()]), rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two-step trainer runs (full, LoRA, CGC-LoRA) on the prepared demo shards."""
-    from mftcoder_coba.training import train
-
-    root = tmp_path_factory.mktemp("eval-runs")
-    made = {}
-    for adapter in ("none", "lora", "cgc_lora"):
-        model = {"adapter": adapter, "lora": {"dropout": 0.0}, "cgc_lora": {"dropout": 0.0}}
-        made[adapter] = train(run_config(prepared, root / adapter, model=model, train={"max_steps": 2}))
-    return made
 
 
 def test_model_directory_matches_plain_transformers(prepared: Path, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mftcoder_coba.atomic import OUTPUT_MARKER, output_kind
@@ -18,19 +17,7 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.export_cmd import export_run
 from mftcoder_coba.file_manifest import MANIFEST, write_manifest
 from mftcoder_coba.models import load_trained
-from mftcoder_coba.training import train
 from mftcoder_coba.training.checkpoint import checkpoint_problem
-
-
-@pytest.fixture(scope="module")
-def runs(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two-step trainer runs (full, LoRA, CGC-LoRA) on the prepared demo shards."""
-    root = tmp_path_factory.mktemp("runs")
-    made = {}
-    for adapter in ("none", "lora", "cgc_lora"):
-        model = {"adapter": adapter, "lora": {"dropout": 0.0}, "cgc_lora": {"dropout": 0.0}}
-        made[adapter] = train(run_config(prepared, root / adapter, model=model, train={"max_steps": 2}))
-    return made
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from train_helpers import (
     assert_same_run,
     cli,
     float64_token_ce,
+    kill_once_written,
     read_metrics,
     run_config,
     run_data,
@@ -172,14 +171,8 @@ def _rounded(value: object) -> object:
 @pytest.mark.slow
 def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.json", run_data(prepared, tmp_path / "killed", **_stopping(prepared)))
-    proc = cli("train", "--config", str(config))
     first = tmp_path / "killed" / "checkpoints" / "step-00000004"
-    deadline = time.monotonic() + 240
-    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    output, _ = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, output[-2000:]
+    kill_once_written(cli("train", "--config", str(config)), first)
     assert not (tmp_path / "killed" / "checkpoints" / "step-00000010").exists()
 
     resumed = cli("train", "--config", str(config), "--resume", "auto")

@@ -2,12 +2,19 @@
 losses, held-out losses and CoBa weights as one uninterrupted run."""
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import pytest
-from train_helpers import assert_same_run, cli, read_metrics, run_config, run_data, single_thread, write_config
+from train_helpers import (
+    assert_same_run,
+    cli,
+    kill_once_written,
+    read_metrics,
+    run_config,
+    run_data,
+    single_thread,
+    write_config,
+)
 
 from mftcoder_coba.training import train
 
@@ -19,14 +26,8 @@ def test_killed_run_resumes_to_the_same_metrics(prepared: Path, tmp_path: Path) 
     data = run_data(prepared, tmp_path / "killed", **sections)
     config = write_config(tmp_path / "run.json", data)
 
-    proc = cli("train", "--config", str(config))
     first = tmp_path / "killed" / "checkpoints" / "step-00000003"
-    deadline = time.monotonic() + 240
-    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    output, _ = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, output[-2000:]
+    kill_once_written(cli("train", "--config", str(config)), first)
     assert first.is_dir() and not (tmp_path / "killed" / "checkpoints" / "step-00000024").exists()
 
     resumed = cli("train", "--config", str(config), "--resume", "auto")

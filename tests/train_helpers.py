@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +102,18 @@ def cli(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subproc
     """Start ``python -m mftcoder_coba ARGS`` in the repository root."""
     return subprocess.Popen([sys.executable, "-m", "mftcoder_coba", *args], cwd=REPO, env=env or cpu_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def kill_once_written(proc: subprocess.Popen, path: Path, timeout: float = 240) -> str:
+    """SIGKILL ``proc`` as soon as ``path`` exists (e.g. its first checkpoint), as an OOM killer or a pre-empted
+    node would; returns its output. The caller asserts what the kill left behind."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, output[-2000:]
+    return output
 
 
 def float64_token_ce(model: torch.nn.Module, dataset: Any, rows: np.ndarray
