@@ -80,10 +80,6 @@ class EarlyStoppingConfig:
         check_metric(self.metric, "train.early_stopping.metric")
 
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-"""Experiment trackers ``train.report_to`` can name (see :mod:`mftcoder_coba.training.trackers`)."""
-
-
 @dataclass
 class BalancerConfig:
     """Which task balancer weights the per-task losses, and the trainer's side of feeding it."""

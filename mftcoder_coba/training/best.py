@@ -81,13 +81,6 @@ class MetricWatch:
             self.best, self.best_step = state.get("best"), state.get("best_step")
             self.since_best = int(state.get("since_best", 0))
 
-    @classmethod
-    def resumed(cls, metric: str, min_delta: float, state: dict[str, Any] | None) -> MetricWatch:
-        """The watch saved in a checkpoint, or a fresh one when it watched another metric (or none)."""
-        watch = cls(metric, min_delta)
-        watch.load_state_dict(state)
-        return watch
-
 
 def write_best(run_dir: Path, watch: MetricWatch, checkpoint: Path) -> None:
     """Name the best checkpoint in ``run_dir/checkpoints/best.json`` (replaced in one rename)."""
