@@ -19,18 +19,16 @@ the 32.9 GiB measured by ``bench-train`` on an H100 for the eager fp32-master ru
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gc
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mftcoder_coba.bench_train import LLAMA_1B, TINY, environment, write_files
+from mftcoder_coba.bench_train import LLAMA_1B, TINY, environment
 from mftcoder_coba.models import ModelConfig, build_model, causal_lm, hidden_states
 
 log = logging.getLogger(__name__)
@@ -238,23 +236,3 @@ def format_table(report: dict[str, Any]) -> str:
         cells = [f"{by_pair[a['label'], e['label']]:.1f}" for e in report["engine"]]
         lines.append(f"| {a['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("bench_results"),
-                        help="folder for memory_<device>.json / .md (default: ./bench_results; the repository keeps "
-                             "its committed results in benchmarks/train)")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens in the measured row (default 1024)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny model (tests; seconds)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from mftcoder_coba.errors import UserError
-
-    if args.tokens < 4:
-        raise UserError("--tokens must be >= 4")
-    report = run(args.tiny, args.tokens)
-    json_path, md_path = write_files(report, args.out, [], args.tiny, prefix="memory_")
-    print(report["table"])
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0

@@ -1,4 +1,5 @@
-"""The ``mftcoder-coba`` console command: one sub-command per job, each in the module that owns it.
+"""The ``mftcoder-coba`` console command: one sub-command per job, each a module of
+:mod:`mftcoder_coba.commands` that parses its arguments and calls the library.
 
 Sub-command modules are imported only when chosen, so ``mftcoder-coba --help`` stays fast and a
 missing optional dependency of one job does not break the others. Each module exposes
@@ -22,20 +23,23 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prep": ("mftcoder_coba.data_prep.prep_cmd", "tokenise and pack multitask data into binary shards"),
-    "inspect": ("mftcoder_coba.data_prep.inspect_cmd", "per-task table of a prepared dataset and a decoded row"),
-    "verify": ("mftcoder_coba.data_prep.verify_cmd", "check every shard checksum of a prepared dataset"),
-    "simulate": ("mftcoder_coba.balancers.simulate", "run every balancer on a synthetic multitask problem"),
-    "train": ("mftcoder_coba.train_cmd", "multitask fine-tuning with DeepSpeed and a task balancer"),
-    "plot": ("mftcoder_coba.plot_cmd", "PNGs of held-out loss and task weight per task from a run"),
-    "export": ("mftcoder_coba.export_cmd", "export a run as a plain transformers model directory"),
-    "eval": ("mftcoder_coba.eval_cmd", "per-task loss and perplexity of a run, export or model on a prepared split"),
-    "eval-code": ("mftcoder_coba.eval_code_cmd", "code pass@k (HumanEval or own problems) with sandboxed execution"),
-    "demo": ("mftcoder_coba.demo", "offline end-to-end demo on the shipped corpus (CPU, minutes)"),
-    "bench-train": ("mftcoder_coba.bench_train", "training throughput, MFU and memory benchmark"),
-    "bench-memory": ("mftcoder_coba.bench_memory", "training memory by component (activations, engine), any device"),
-    "cold-fusion": ("mftcoder_coba.fusion.cold_fusion_cmd", "run ColD Fusion iterations locally"),
-    "fuse": ("mftcoder_coba.fusion.fuse_cmd", "average contributor checkpoints into one model"),
+    "prep": ("mftcoder_coba.commands.prep", "tokenise and pack multitask data into binary shards"),
+    "inspect": ("mftcoder_coba.commands.inspect", "per-task table of a prepared dataset and a decoded row"),
+    "verify": ("mftcoder_coba.commands.verify", "check every shard checksum of a prepared dataset"),
+    "simulate": ("mftcoder_coba.commands.simulate", "run every balancer on a synthetic multitask problem"),
+    "train": ("mftcoder_coba.commands.train", "multitask fine-tuning with DeepSpeed and a task balancer"),
+    "plot": ("mftcoder_coba.commands.plot", "PNGs of held-out loss and task weight per task from a run"),
+    "export": ("mftcoder_coba.commands.export", "export a run as a plain transformers model directory"),
+    "eval": ("mftcoder_coba.commands.eval",
+             "per-task loss and perplexity of a run, export or model on a prepared split"),
+    "eval-code": ("mftcoder_coba.commands.eval_code",
+                  "code pass@k (HumanEval or own problems) with sandboxed execution"),
+    "demo": ("mftcoder_coba.commands.demo", "offline end-to-end demo on the shipped corpus (CPU, minutes)"),
+    "bench-train": ("mftcoder_coba.commands.bench_train", "training throughput, MFU and memory benchmark"),
+    "bench-memory": ("mftcoder_coba.commands.bench_memory",
+                     "training memory by component (activations, engine), any device"),
+    "cold-fusion": ("mftcoder_coba.commands.cold_fusion", "run ColD Fusion iterations locally"),
+    "fuse": ("mftcoder_coba.commands.fuse", "average contributor checkpoints into one model"),
 }
 
 

@@ -17,7 +17,6 @@ non-empty folder.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -52,22 +51,6 @@ MODES = ("coba", "cgc-lora", "cold-fusion")
 DEFAULT_STEPS = {"coba": 300, "cgc-lora": 300, "cold-fusion": 15}
 FUSION_ITERATIONS = 2
 UPDATE_INTERVAL = 2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="demo folder (default: ./demo_out)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: coba/cgc-lora 300; cold-fusion 15 per contributor job)")
-    parser.add_argument("--mode", choices=MODES, default="coba",
-                        help="coba: full training with CoBa; cgc-lora: CGC-LoRA adapters with CoBa; "
-                             "cold-fusion: ColD Fusion, one contributor per task")
-
-
-def main(args: argparse.Namespace) -> int:
-    result = run_demo(args.out, args.steps, args.mode)
-    print()
-    print(result.summary())
-    return 0
 
 
 @dataclass
@@ -181,9 +164,9 @@ def _train(out: Path, steps: int, adapter: str) -> DemoResult:
     from mftcoder_coba.config import RunConfig
     from mftcoder_coba.data import PackedDataset
     from mftcoder_coba.demo_data import DEMO_TASKS
-    from mftcoder_coba.export_cmd import export_run
+    from mftcoder_coba.export import export_run
     from mftcoder_coba.models import load_trained
-    from mftcoder_coba.plot_cmd import plot_run
+    from mftcoder_coba.plots import plot_run
     from mftcoder_coba.training import train
     from mftcoder_coba.training.validation import evaluate_per_task
 
@@ -223,7 +206,7 @@ def _cold_fusion(out: Path, steps: int) -> DemoResult:
     """ColD Fusion as in the paper: every task's contributor fine-tunes, the models are averaged uniformly."""
     from mftcoder_coba.demo_data import DEMO_TASKS
     from mftcoder_coba.fusion import FusionConfig, run_cold_fusion
-    from mftcoder_coba.plot_cmd import plot_run
+    from mftcoder_coba.plots import plot_run
 
     log.info("demo [1/3] preparing one contributor's shards per task under %s", out / "data")
     contributors, tokens = [], {}

@@ -401,7 +401,7 @@ DEMO_CLUSTERS = {"code_completion": "code", "text_to_code": "code", "unit_tests"
 
 def test_trained_run_with_clusters_exports_one_adapter_per_cluster(prepared: Path,
                                                                      tmp_path: Path) -> None:
-    from mftcoder_coba.export_cmd import export_run
+    from mftcoder_coba.export import export_run
     from mftcoder_coba.training import train
 
     model = {"adapter": "cgc_lora", "cgc_lora": {"dropout": 0.0, "rank_budget": 8, "clusters": DEMO_CLUSTERS}}

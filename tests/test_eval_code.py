@@ -13,9 +13,9 @@ from test_eval_loss import tiny_model_dir
 from train_helpers import run_config
 
 from mftcoder_coba.cli import main as cli
+from mftcoder_coba.commands.eval_code import parse_ks
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.eval_code_cmd import parse_ks
 from mftcoder_coba.evaluation.problems import load_benchmark, read_problems, truncate_at_stop
 from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
 from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_program
@@ -177,6 +177,6 @@ def test_the_command_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, mftcoder_coba.eval_code_cmd; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, mftcoder_coba.commands.eval_code; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]

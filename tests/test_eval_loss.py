@@ -135,7 +135,7 @@ def test_cgc_lora_run_and_its_1_plus_n_export_give_each_task_its_adapter(runs: d
                                                                           tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from mftcoder_coba.export_cmd import export_run
+    from mftcoder_coba.export import export_run
 
     valid = PackedDataset(prepared / "valid")
     export = export_run(runs["cgc_lora"], tmp_path / "export")
@@ -199,7 +199,7 @@ def test_cgc_lora_generation_per_task_matches_the_export(runs: dict[str, Path], 
                                                          capsys: pytest.CaptureFixture) -> None:
     """eval-code on a CGC-LoRA run gates every generated token with --task; greedy completions equal those of
     the 1+N export with that task's adapter."""
-    from mftcoder_coba.export_cmd import export_run
+    from mftcoder_coba.export import export_run
 
     export = export_run(runs["cgc_lora"], tmp_path / "export")
     common = ["--limit", "2", "--n", "1", "--temperature", "0", "--max-new-tokens", "12"]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mftcoder_coba.atomic import OUTPUT_MARKER, output_kind
 from mftcoder_coba.cli import main as cli
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.export_cmd import export_run
+from mftcoder_coba.export import export_run
 from mftcoder_coba.file_manifest import MANIFEST, write_manifest
 from mftcoder_coba.models import load_trained
 from mftcoder_coba.training.checkpoint import checkpoint_problem

@@ -9,7 +9,7 @@ import pytest
 
 from mftcoder_coba.cli import main as cli
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.plot_cmd import per_task_series, plot_run, read_jsonl
+from mftcoder_coba.plots import per_task_series, plot_run, read_jsonl
 
 TASKS = ["code_completion", "text_to_code", "unit_tests"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.plot_cmd import pass_at_k_series, per_task_series, plot_run, read_jsonl
+from mftcoder_coba.plots import pass_at_k_series, per_task_series, plot_run, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

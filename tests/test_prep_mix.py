@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from prep_helpers import packed_samples
 
+from mftcoder_coba.commands.prep import parse_mix
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.data_prep import PrepOptions, prepare
-from mftcoder_coba.data_prep.inspect_cmd import mix_and_fim_lines
-from mftcoder_coba.data_prep.prep_cmd import parse_mix
+from mftcoder_coba.data_prep.report import mix_and_fim_lines
 from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.data_prep.truncate import left_cut
 from mftcoder_coba.demo_data import TOKENIZER_DIR

@@ -14,7 +14,7 @@ from train_helpers import read_metrics, run_config, single_thread
 from mftcoder_coba.balancers.coba import ols_fit
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.models import load_trained
-from mftcoder_coba.plot_cmd import plot_run
+from mftcoder_coba.plots import plot_run
 from mftcoder_coba.training import train
 from mftcoder_coba.training.sampling import HeldOutSample
 from mftcoder_coba.training.validation import evaluate_per_task

@@ -34,7 +34,6 @@ how far the weights move per update (L1), which noisy slopes inflate.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -48,11 +47,9 @@ import torch
 from torch import nn
 
 from mftcoder_coba.atomic import atomic_file, atomic_write_text
-from mftcoder_coba.balancers.base import BALANCERS, build_balancer
+from mftcoder_coba.balancers.base import build_balancer
 from mftcoder_coba.balancers.coba import CoBa
 from mftcoder_coba.balancers.feeding import StepObservations, feed_reference, feed_step, is_update
-from mftcoder_coba.errors import UserError
-from mftcoder_coba.training.sampling import HELD_OUT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -338,43 +335,9 @@ def plot(traces: dict[str, Trace], path: Path, cfg: SimulationConfig) -> None:
     plt.close(fig)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("simulate.png"), help="PNG to write (default: %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, help="table as JSON (default: --out with .json)")
-    parser.add_argument("--steps", type=int, default=SimulationConfig.steps, help="optimizer steps per balancer")
-    parser.add_argument("--seed", type=int, default=SimulationConfig.seed, help="data, initialisation and batches")
-    parser.add_argument("--balancers", default=",".join(BALANCERS),
-                        help="comma-separated balancer names (default: all)")
-    parser.add_argument("--held-out", default=",".join(HELD_OUT_MODES),
-                        help="comma-separated held-out modes (rotate, fixed, all) to run each balancer that reads "
-                             "held-out loss (CoBa) with, labelled NAME/MODE (default: %(default)s)")
-    parser.add_argument("--obs-noise", type=float, default=SimulationConfig.obs_noise,
-                        help="observation noise: standard deviation of a held-out sample's log-loss offset from "
-                             "its rows' difficulty (default: %(default)s; 0 leaves only sampling noise)")
-
-
-def main(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.balancers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BALANCERS]
-    if unknown or not names:
-        raise UserError(f"--balancers: unknown balancer(s) {', '.join(unknown) or '(none given)'} "
-                        f"(known: {', '.join(BALANCERS)})")
-    if args.steps < 50:
-        raise UserError(f"--steps: must be >= 50, got {args.steps}")
-    if args.out.suffix.lower() != ".png":
-        raise UserError(f"--out: expected a .png path, got {args.out}")
-    modes = [m.strip() for m in args.held_out.split(",") if m.strip()]
-    if not modes or any(m not in HELD_OUT_MODES for m in modes):
-        raise UserError(f"--held-out: expected a comma-separated subset of {', '.join(HELD_OUT_MODES)}, "
-                        f"got {args.held_out!r}")
-    if not (math.isfinite(args.obs_noise) and args.obs_noise >= 0):
-        raise UserError(f"--obs-noise: must be a finite number >= 0, got {args.obs_noise}")
-    cfg = SimulationConfig(steps=args.steps, seed=args.seed, obs_noise=args.obs_noise)
-    knobs = cfg.options["coba"]
-    print(f"CoBa knobs chosen for this {cfg.steps}-step problem: history_length={knobs['history_length']}, "
-          f"warmup_steps={knobs['warmup_steps']}, tau={knobs['tau']}, update_interval={cfg.update_interval}, "
-          f"valid_rows_per_task={cfg.valid_rows} (the LLM defaults N=200, W=100 suit thousands of updates); "
-          f"observation noise {cfg.obs_noise:g}.")
+def run_all(names: list[str], modes: list[str], cfg: SimulationConfig) -> dict[str, Trace]:
+    """Every balancer of ``names`` on one problem (same data, initialisation and batches for all); a balancer that
+    reads held-out loss runs once per held-out mode of ``modes``, labelled ``NAME/MODE``, the others once."""
     problem = make_problem(cfg)
     traces: dict[str, Trace] = {}
     for name in names:
@@ -383,14 +346,12 @@ def main(args: argparse.Namespace) -> int:
             label = f"{name}/{mode}" if mode else name
             log.info("simulate: running %s", label)
             traces[label] = run_balancer(name, replace(cfg, held_out=mode) if mode else cfg, problem)
-    rows = {label: summarise(trace) for label, trace in traces.items()}
-    print(f"Held-out (test) MSE per task after {cfg.steps} steps; noise floors "
-          + ", ".join(f"{t.name} {t.noise ** 2:.2f}" for t in TASKS) + "; best@ = step of the task's lowest loss; "
-          "w L1/update = mean L1 change of the weights per update interval; NAME/MODE = balancer.held_out")
-    print(format_table(rows))
-    json_path = args.json or args.out.with_suffix(".json")
+    return traces
+
+
+def write_report(traces: dict[str, Trace], rows: dict[str, dict[str, Any]], cfg: SimulationConfig, png: Path,
+                 json_path: Path) -> None:
+    """The picture of ``traces`` to ``png`` and the table ``rows`` (with the config and tasks) to ``json_path``."""
     report = {"config": asdict(cfg), "tasks": [asdict(t) for t in TASKS], "balancers": rows}
-    plot(traces, args.out, cfg)
+    plot(traces, png, cfg)
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} and {json_path}")
-    return 0

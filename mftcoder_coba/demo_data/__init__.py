@@ -1,6 +1,6 @@
 """The corpus and tokenizer the project ships, so the demo and the tests run offline.
 
-Generated deterministically by ``python -m mftcoder_coba.data_prep.demo_corpus`` (see that module for what
+Generated deterministically by ``python benchmarks/data_prep/demo_corpus.py`` (see that module for what
 each task holds). ``DEMO_TASKS`` maps task name -> jsonl path in task-id order, largest task first.
 """
 from pathlib import Path

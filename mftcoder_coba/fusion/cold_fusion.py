@@ -486,7 +486,7 @@ def _load_records(cfg: FusionConfig) -> list[dict[str, Any]]:
 def _write_metrics(cfg: FusionConfig) -> None:
     """Rewrite fusion_metrics.jsonl and the plot from the done iterations, so both always describe exactly
     those, also after an interrupted run was continued."""
-    from mftcoder_coba.plot_cmd import plot_run
+    from mftcoder_coba.plots import plot_run
 
     atomic_write_text(cfg.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in _load_records(cfg)))
     plot_run(cfg.run_dir)

@@ -1,6 +1,6 @@
 """Data-prep benchmark on real vocabularies: prep ``--workers 2`` against the tokenizer alone, paired rounds.
 
-``python -m mftcoder_coba.data_prep.bench_real --tokenizer ../shared/tokenizers/gpt2`` writes a corpus of code
+``python benchmarks/data_prep/bench_real.py --tokenizer ../shared/tokenizers/gpt2`` writes a corpus of code
 records (the demo's generated Python functions, 1 to 48 per record, log-normally distributed; half MFTCoder
 ``chat_rounds`` with a system turn, half prompt/answer) of at least ``--min-tokens`` tokens into a temporary
 directory, then alternates, round by round so both see the same machine load:
@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from mftcoder_coba.data_prep.bench import RESULTS_DIR, device, versions
-from mftcoder_coba.data_prep.demo_corpus import documented, make_function
+from bench import RESULTS_DIR, device, versions
+from demo_corpus import documented, make_function
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")

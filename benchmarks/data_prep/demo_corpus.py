@@ -11,7 +11,7 @@ tasks of clearly different size and difficulty come out of it, in task-id order:
 ``unit_tests`` (small: write pytest asserts for a function; a model overfits it quickly, which is what a
 balancer must notice).
 
-``python -m mftcoder_coba.data_prep.demo_corpus`` rewrites ``mftcoder_coba/demo_data/`` (the jsonl files
+``python benchmarks/data_prep/demo_corpus.py`` rewrites ``mftcoder_coba/demo_data/`` (the jsonl files
 and ``tokenizer/``, a byte-level BPE with a ChatML chat template). Output is identical on every run.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "mftcoder_coba" / "demo_data"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "mftcoder_coba" / "demo_data"
 TASK_SIZES = {"code_completion": 2400, "text_to_code": 900, "code_to_text": 600, "unit_tests": 120}
 SEED = 20261124
 VOCAB_SIZE = 2048

@@ -1,4 +1,4 @@
-"""``mftcoder-coba inspect OUT``: per-task table of a prepared dataset and one decoded row.
+"""What ``mftcoder-coba inspect`` and ``prep`` print: per-task tables of a prepared dataset and one decoded row.
 
 The decoded row shows each packed sample on its own, with the tokens that are loss targets wrapped in
 ``[[`` ``]]``: the quickest way to see that the loss covers the replies and their end marker, nothing else.
@@ -8,7 +8,6 @@ the tasks' ``--mix`` factors (train) and how many samples were written in fill-i
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ import numpy as np
 from mftcoder_coba.data import IGNORE_INDEX, PackedDataset
 from mftcoder_coba.data import manifest as manifest_io
 from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT
-from mftcoder_coba.errors import UserError
 
 COLUMNS = ("task", "samples", "rows", "tokens", "loss tok", "util %", "truncated", "dropped", "skipped")
 GAP_MARK = "(!)"
@@ -97,26 +95,3 @@ def decode_row(ds: PackedDataset, index: int, tokenizer) -> str:
                 run_start = t
         lines.append("".join(text))
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="directory written by `mftcoder-coba prep`")
-    parser.add_argument("--split", choices=("train", "valid"), default="train", help="split of the decoded row")
-    parser.add_argument("--row", type=int, default=0, help="row to decode")
-    parser.add_argument("--no-decode", action="store_true", help="only print the tables")
-
-
-def main(args: argparse.Namespace) -> int:
-    print_tables(args.out)
-    if args.no_decode:
-        return 0
-    ds = PackedDataset(args.out / args.split)
-    if not 0 <= args.row < len(ds):
-        raise UserError(f"--row {args.row}: {args.out / args.split} has {len(ds)} rows")
-    if ds.tokenizer_dir is None:
-        raise UserError(f"{args.out / args.split}: the tokenizer of this dataset is gone; cannot decode")
-    from mftcoder_coba.data_prep.tokens import load_tokenizer
-
-    print(f"row {args.row} of {args.out / args.split} (loss targets in [[...]]):")
-    print(decode_row(ds, args.row, load_tokenizer(ds.tokenizer_dir)))
-    return 0

@@ -13,7 +13,6 @@ read, so its ``trust_remote_code`` is ignored here. ``--best`` exports the check
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -26,33 +25,8 @@ from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.cgc_export import export_task_adapters
 from mftcoder_coba.models.cgc_lora import cgc_layers
 from mftcoder_coba.models.persist import model_dir_of
-from mftcoder_coba.training.best import read_best
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="run directory (config.yaml, tokenizer/, checkpoints/)")
-    parser.add_argument("--out", type=Path, required=True, help="output model directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", type=Path, default=None,
-                       help="checkpoint to export (RUN_DIR/checkpoints/step-N); default: the newest complete one")
-    which.add_argument("--best", action="store_true",
-                       help="export the best checkpoint of train.keep_best (RUN_DIR/checkpoints/best.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--merged-tasks", action="store_true",
-                        help="CGC-LoRA runs: also write one merged model per task under OUT/merged/<task>")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let transformers run the model's own code (auto_map); only for models you trust. "
-                             "The run's config.yaml cannot turn this on")
-
-
-def main(args: argparse.Namespace) -> int:
-    checkpoint = read_best(args.run_dir) if args.best else args.checkpoint
-    out = export_run(args.run_dir, args.out, checkpoint, overwrite=args.overwrite,
-                     merged_tasks=args.merged_tasks, trust_remote_code=args.trust_remote_code)
-    print(out)
-    return 0
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, *,

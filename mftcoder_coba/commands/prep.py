@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from mftcoder_coba.data_prep.fim import parse_rate
-from mftcoder_coba.data_prep.inspect_cmd import print_tables
 from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
+from mftcoder_coba.data_prep.report import print_tables
 from mftcoder_coba.errors import UserError
 
 DEMO = "demo"

@@ -11,7 +11,6 @@ uses matplotlib's Agg canvas (no display needed); each PNG is written to a tempo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -26,17 +25,6 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 FUSION_METRICS = "fusion_metrics.jsonl"
 EVAL_CODE = "eval_code.jsonl"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl (or fusion_metrics.jsonl)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
-
-
-def main(args: argparse.Namespace) -> int:
-    for path in plot_run(args.run_dir, args.out):
-        print(path)
-    return 0
 
 
 # field of a metrics.jsonl line -> (PNG name, title, y label)

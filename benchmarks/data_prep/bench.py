@@ -1,6 +1,6 @@
 """Data-prep benchmark: prep throughput against the raw tokenizer, packing utilisation, memory, workers.
 
-``python -m mftcoder_coba.data_prep.bench`` builds a corpus with a realistic mix of sample lengths (the
+``python benchmarks/data_prep/bench.py`` builds a corpus with a realistic mix of sample lengths (the
 demo's generated Python functions, 1 to 48 per sample, log-normally distributed, in chat, prompt/answer and
 text records; a short and a long mix), then measures in one run:
 
@@ -33,15 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from demo_corpus import documented, make_function
 
-from mftcoder_coba.data_prep.demo_corpus import documented, make_function
 from mftcoder_coba.data_prep.formats import normalise
 from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.data_prep.render import Renderer
 from mftcoder_coba.data_prep.tokens import encode_threads, load_tokenizer, serial_encode_calls
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data_prep"
+RESULTS_DIR = Path(__file__).resolve().parent
 
 
 MIXES = {"short": 1.0, "long": 2.0}  # log-mean of functions per sample: medians of about 120 and 330 tokens

@@ -1,8 +1,8 @@
 """Data-prep benchmark of the input formats users bring: an OpenAI ``messages`` corpus as JSON lines and the
 same records as Parquet, against the raw batched tokenizer on the exact text prep tokenises.
 
-``python -m mftcoder_coba.data_prep.bench_formats`` writes the short-mix corpus of
-:mod:`mftcoder_coba.data_prep.bench` (the demo's generated functions, log-normally 1 to 48 per record) as
+``python benchmarks/data_prep/bench_formats.py`` writes the short-mix corpus of
+``bench.py`` (the demo's generated functions, log-normally 1 to 48 per record) as
 ``messages`` conversations (a system turn, one or two rounds, the first reply marked context only in a
 quarter of them), saves it also as Parquet, and alternates rounds of raw tokenizer / prep from JSON lines
 / prep from Parquet (medians compared, as the main bench does). Peak RSS of prep from Parquet at two
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench import MIXES, RESULTS_DIR, device, peak_rss, raw_tokenize, timed_prep, versions
+from demo_corpus import documented, make_function
 
-from mftcoder_coba.data_prep.bench import MIXES, RESULTS_DIR, device, peak_rss, raw_tokenize, timed_prep, versions
-from mftcoder_coba.data_prep.demo_corpus import documented, make_function
 from mftcoder_coba.data_prep.formats import normalise
 from mftcoder_coba.data_prep.pipeline import PrepOptions
 from mftcoder_coba.data_prep.render import Renderer
