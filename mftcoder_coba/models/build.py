@@ -62,17 +62,22 @@ def check_model(cfg: ModelConfig, vocab_size: int, seq_len: int | None = None) -
     return hf_config
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int, task_names: list[str] | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int, task_names: list[str] | None = None, *,
+                attention: str | None = None) -> nn.Module:
     """The model to train, in training mode, with exactly the parameters to train marked ``requires_grad``.
 
     Full fine-tuning trains every parameter; ``lora``/``qlora``/``cgc_lora`` freeze the base and train the
     adapters only. The model stays on the CPU except for QLoRA, whose 4-bit weights live on the current CUDA
     device; the trainer (DeepSpeed) places the rest. ``task_names`` (task-id order) resolve CGC-LoRA's
-    ``clusters`` mapping.
+    ``clusters`` mapping. ``attention``: the implementation the trainer's preflight resolved
+    (:class:`~mftcoder_coba.training.preflight.Resolved`); without it ``model.attn_implementation`` is resolved
+    here (evaluation, fusion, benchmarks).
     """
+    if attention == "auto":
+        raise ValueError("build_model(attention=...) takes a resolved implementation, not 'auto'")
     hf_config = check_model(cfg, vocab_size)
     dtype = torch_dtype(cfg)
-    attn = resolve_attn_implementation(cfg.attn_implementation, dtype)
+    attn = resolve_attn_implementation(cfg.attn_implementation, dtype) if attention is None else attention
     checkpointing = checkpointing_kwargs(cfg.gradient_checkpointing)
     if cfg.path is not None:
         model = _load_pretrained(cfg, hf_config, dtype, attn, checkpointing)

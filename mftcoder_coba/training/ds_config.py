@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mftcoder_coba.config import OptimConfig, RunConfig
 from mftcoder_coba.errors import ConfigError
 from mftcoder_coba.training.bf16_adamw import StochasticRoundingAdamW
+
+if TYPE_CHECKING:
+    from mftcoder_coba.training.preflight import Resolved
 
 
 def load_file(cfg: RunConfig) -> dict[str, Any]:
@@ -48,10 +51,16 @@ def zero_stage(cfg: RunConfig) -> int:
     return int(load_file(cfg).get("zero_optimization", {}).get("stage", 0))
 
 
-def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
-    """The complete DeepSpeed config dict for this run and world size."""
+def build(cfg: RunConfig, world_size: int, on_cuda: bool, resolved: Resolved | None = None) -> dict[str, Any]:
+    """The complete DeepSpeed config dict for this run and world size. ``resolved``: the run's settings as
+    preflight decided them (the trainer passes them: the ZeRO stage, gradient-sum dtype and fused AdamW are
+    then taken, not decided again); without it they are resolved here for ``on_cuda`` (tests, benchmarks)."""
+    if resolved is None:
+        from mftcoder_coba.training.preflight import resolve  # preflight imports this module
+
+        resolved = resolve(cfg, zero_stage(cfg), on_cuda)
     ds = load_file(cfg)
-    t, o, stage = cfg.train, cfg.optim, zero_stage(cfg)
+    t, o, stage = cfg.train, cfg.optim, resolved.zero_stage
     ds["train_batch_size"] = t.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * world_size)
@@ -60,7 +69,7 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     if o.master_weights == "bf16":
         ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     if cfg.model.dtype == "bf16":
-        accum = grad_accum_dtype(cfg, stage)
+        accum = resolved.grad_sums
         ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": accum}
         if accum == "fp32":  # add each gradient into the fp32 copy in backward and free it (DeepSpeed's bf16 optimizer)
             ds["bf16"].setdefault("immediate_grad_update", True)
@@ -69,10 +78,9 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
         ds.pop("optimizer", None)  # initialize() passes client_optimizer(); ZeRO wraps it like its own
         ds["zero_allow_untested_optimizer"] = True
     else:
-        fused = on_cuda if o.fused == "auto" else o.fused
         params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
                                   "torch_adam": True}
-        if fused:
+        if resolved.fused_adamw:
             params["fused"] = True
         ds["optimizer"] = {"type": "AdamW", "params": params}
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own step lines out
@@ -102,7 +110,8 @@ def client_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.opti
                                    seed=cfg.train.seed)
 
 
-def initialize(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_cuda: bool) -> tuple[Any, Any]:
+def initialize(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_cuda: bool,
+               resolved: Resolved | None = None) -> tuple[Any, Any]:
     """``(engine, lr_scheduler)``: DeepSpeed's engine for ``module`` with this run's config, its parameters in
     weight-decay groups, the optimizer :func:`client_optimizer` gives (else the config's section builds one) and
     the :func:`lr_factor` schedule. The trainer and ``bench-memory`` both build their engine here."""
@@ -114,7 +123,7 @@ def initialize(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_cuda
         model=module,
         model_parameters=groups if client is None else None,
         optimizer=client,
-        config=build(cfg, world_size, on_cuda),
+        config=build(cfg, world_size, on_cuda, resolved),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps)),
     )

@@ -37,7 +37,7 @@ import yaml
 from tqdm import tqdm
 
 from mftcoder_coba import config_io
-from mftcoder_coba.atomic import mark_output
+from mftcoder_coba.atomic import atomic_write_text, mark_output
 from mftcoder_coba.balancers.feeding import StepObservations, feed_reference, feed_step, is_update
 from mftcoder_coba.config import RunConfig
 from mftcoder_coba.models import build_model, save_base_model
@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_run_dir(cfg: RunConfig, plan: preflight.Plan) -> None:
-    """The run marker, config.yaml, the shards' tokenizer, no stale partial checkpoints (rank 0, lock held).
+    """The run marker, config.yaml, resolved.yaml (what the ``auto`` settings became), the shards' tokenizer, no
+    stale partial checkpoints (rank 0, lock held).
 
     Only the known tokenizer files of the prepared output's own copy are taken, checked against the manifest
     by preflight (:meth:`PackedDataset.tokenizer_files`), never a folder the manifest names."""
@@ -71,6 +72,7 @@ def _prepare_run_dir(cfg: RunConfig, plan: preflight.Plan) -> None:
     mark_output(cfg.run_dir, "run")
     text = yaml.safe_dump(config_io.to_dict(cfg), sort_keys=False)
     (cfg.run_dir / "config.yaml").write_text(text, encoding="utf-8")
+    atomic_write_text(cfg.run_dir / "resolved.yaml", yaml.safe_dump(plan.resolved.to_dict(), sort_keys=False))
     if plan.tokenizer_files:
         (cfg.run_dir / "tokenizer").mkdir(exist_ok=True)
         for file in plan.tokenizer_files:
@@ -87,7 +89,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     may be called repeatedly in one process. Another run holding ``run_dir`` is refused (:mod:`run_lock`).
     """
     launched = distributed.world_from_env()
-    plan = preflight.run(cfg, launched.size, resume)
+    plan = preflight.run(cfg, launched.size, resume, on_cuda=launched.device.type == "cuda")
     intra_op_threads = torch.get_num_threads()
     with contextlib.ExitStack() as held:
         if launched.is_main:
@@ -98,17 +100,18 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
 
 def _train_locked(cfg: RunConfig, plan: preflight.Plan) -> Path:
     world = distributed.init()
-    if world.device.type == "cpu":
-        choice = threads.resolve(cfg.train.cpu_threads)
-        torch.set_num_threads(choice.threads)
-        if world.is_main:
-            log.info(choice.describe())
+    resolved = plan.resolved
+    if resolved.cpu_threads is not None:
+        torch.set_num_threads(resolved.cpu_threads)
     if world.is_main:
+        log.info(resolved.line())
+        if resolved.cpu_threads is not None:
+            log.info(threads.CpuThreads(resolved.cpu_threads, resolved.cpu_threads_from or "").describe())
         _prepare_run_dir(cfg, plan)
     distributed.barrier(world)
     ProcessRNG().seed(cfg.train.seed)
     num_tasks = len(plan.train.tasks)
-    model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks)
+    model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks, attention=resolved.attention)
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
             and not (cfg.run_dir / "base_model" / "config.json").is_file():
         save_base_model(model, cfg.run_dir / "base_model")
@@ -129,11 +132,10 @@ class _Trainer:
         self.balancer = plan.balancer
         self.tasks = plan.train.tasks
         self.num_tasks = len(self.tasks)
-        fused = cfg.train.fused_linear_ce
-        self.impl = cfg.train.kernel_impl
+        self.impl = plan.resolved.kernel_impl
         self.engine, self.scheduler = ds_config.initialize(
-            cfg, TaskLoss(model, fused_linear=plan.zero_stage != 3 if fused == "auto" else fused, impl=self.impl),
-            world.size, on_cuda=world.device.type == "cuda")
+            cfg, TaskLoss(model, fused_linear=plan.resolved.fused_linear_ce, impl=self.impl),
+            world.size, on_cuda=world.device.type == "cuda", resolved=plan.resolved)
         self.model = self.engine.module.module
         self.step = 0
         self.skipped_steps = self.consecutive_skips = 0  # train.nonfinite: skip
