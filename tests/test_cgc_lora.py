@@ -122,7 +122,7 @@ def test_default_ranks_match_plain_lora_parameters() -> None:
 
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="model.cgc_lora.dropout"):
-        build(CgcLoraConfig, {"dropout": 1.5})
+        build(CgcLoraConfig, {"dropout": 1.5}, prefix="model.cgc_lora.")  # the loader nests it there
     with pytest.raises(ConfigError, match="model.cgc_lora.rank_budget"):
         apply_cgc_lora(tiny_llama(), CgcLoraConfig(rank_budget=4), NUM_TASKS)
     with pytest.raises(UserError, match="target_modules"):

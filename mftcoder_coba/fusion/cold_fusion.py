@@ -68,7 +68,7 @@ import yaml
 
 from mftcoder_coba import config_io
 from mftcoder_coba.atomic import atomic_directory, atomic_write_text
-from mftcoder_coba.config_io import check
+from mftcoder_coba.config_io import bounded, check, check_ranges
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.fusion.average import average_models, normalized_weights
 
@@ -126,7 +126,7 @@ class FusionConfig:
     ``lora``/``qlora`` (updates merged into the shared model); ``cgc_lora`` cannot be averaged."""
     contributors: list[Contributor]
     """The contributors, each with its own data."""
-    iterations: int = 3
+    iterations: int = bounded(3, ge=1)
     """Fine-tune-then-fuse rounds."""
     contributors_per_iteration: int | None = None
     """How many contributors of the pool fine-tune in each iteration, drawn without replacement (the paper
@@ -149,7 +149,7 @@ class FusionConfig:
     """Tasks kept out of the pool: after the last iteration the fused model and the original base are each
     fine-tuned for ``unseen_steps`` steps on each (the same run config, seed and batches), and their
     held-out losses are reported."""
-    unseen_steps: int = 50
+    unseen_steps: int = bounded(50, ge=1)
     """Optimizer steps of each unseen-task fine-tune (a fixed, short budget)."""
     base_model: Path | None = None
     """Transformers model directory of the initial shared model. Default: the template's ``model.path``, or
@@ -157,13 +157,15 @@ class FusionConfig:
     parallel: bool = False
     """Run an iteration's contributor jobs as parallel processes (``python -m mftcoder_coba train``; with
     CUDA each gets one visible GPU, round robin) instead of one after the other in this process."""
-    eval_rows_per_task: int | None = None
+    eval_rows_per_task: int | None = bounded(None, ge=1)
     """Held-out rows per task used to score each shared model (the first ones of each task); null = all."""
-    eval_micro_batch_size: int = 4
+    eval_micro_batch_size: int = bounded(4, ge=1)
     """Rows per forward when scoring."""
 
     def validate(self) -> None:
-        check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
+        """The ranges again (:func:`run_cold_fusion` validates a config built in code, not by the loader), then
+        the rules between fields."""
+        check_ranges(self)
         check(len(self.contributors) >= 1, "contributors", "name at least one contributor")
         names = [c.name for c in self.contributors]
         for i, c in enumerate(self.contributors):
@@ -186,11 +188,6 @@ class FusionConfig:
             check(bool(_NAME.match(u.name)), f"unseen[{i}].name",
                   f"{u.name!r}: use letters, digits, '_', '-', '.' (it names folders)")
         check(len(set(unseen)) == len(unseen), "unseen", f"names must be unique, got {unseen}")
-        check(self.unseen_steps >= 1, "unseen_steps", f"must be >= 1, got {self.unseen_steps}")
-        check(self.eval_rows_per_task is None or self.eval_rows_per_task >= 1, "eval_rows_per_task",
-              f"must be >= 1 or null, got {self.eval_rows_per_task}")
-        check(self.eval_micro_batch_size >= 1, "eval_micro_batch_size",
-              f"must be >= 1, got {self.eval_micro_batch_size}")
 
 
 def load_fusion_config(path: str | Path, overrides: list[str] | None = None) -> FusionConfig:

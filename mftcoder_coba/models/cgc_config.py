@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mftcoder_coba.config_io import check
+from mftcoder_coba.config_io import bounded, check, check_ranges
 
 _FIELD = "model.cgc_lora."
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -49,23 +49,23 @@ class CgcLoraConfig:
     clusters: 5 or 6, not 16). Clustering related tasks (fewer, larger clusters) raises it at the same R.
     """
 
-    num_common_experts: int = 2
+    num_common_experts: int = bounded(2, ge=0)
     """C: LoRA experts shared by all tasks (the task-common knowledge)."""
-    num_task_experts: int = 1
+    num_task_experts: int = bounded(1, ge=0)
     """S: LoRA experts owned by each task; a token of task t never uses another task's experts."""
-    rank_budget: int = 16
+    rank_budget: int = bounded(16, ge=1)
     """R: total rank over all experts of a layer, matching a plain LoRA of rank R in trainable parameters.
     Must be at least the number of experts C + N*S (every expert needs rank >= 1)."""
-    expert_rank: int | None = None
+    expert_rank: int | None = bounded(None, ge=1)
     """Rank of every expert; when set it replaces the even split of ``rank_budget``."""
-    alpha: float = 16.0
+    alpha: float = bounded(16.0, gt=0)
     """LoRA alpha: expert e's update is scaled by alpha / rank_e (the peft convention, per expert)."""
-    dropout: float = 0.05
+    dropout: float = bounded(0.05, ge=0, lt=1)
     """Dropout on the layer input before the experts' A matrices (training only)."""
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     """Names of the nn.Linear modules to adapt; a module matches when its dotted name equals an entry or
     ends with ``.entry`` (the peft rule, so exported adapters target exactly the same layers)."""
-    task_embedding_dim: int = 16
+    task_embedding_dim: int = bounded(16, ge=1)
     """d: size of the learned cluster embedding that feeds each layer's gate."""
     clusters: dict[str, str] | None = None
     """Task name -> task-cluster name. The paper's N counts task clusters (tasks grouped by prior knowledge
@@ -82,18 +82,14 @@ class CgcLoraConfig:
     learning rate."""
 
     def validate(self) -> None:
-        check(self.num_common_experts >= 0, _FIELD + "num_common_experts", "must be >= 0")
-        check(self.num_task_experts >= 0, _FIELD + "num_task_experts", "must be >= 0")
+        """The ranges again (``apply_cgc_lora`` validates a config built in code, not by the loader), then the
+        rules between fields."""
+        check_ranges(self, _FIELD)
         check(self.num_common_experts + self.num_task_experts >= 1, _FIELD + "num_task_experts",
               "a task needs at least one expert (num_common_experts + num_task_experts >= 1)")
-        check(self.rank_budget >= 1, _FIELD + "rank_budget", "must be >= 1")
-        check(self.expert_rank is None or self.expert_rank >= 1, _FIELD + "expert_rank", "must be >= 1 when set")
-        check(self.alpha > 0, _FIELD + "alpha", "must be > 0")
-        check(0.0 <= self.dropout < 1.0, _FIELD + "dropout", "must be in [0, 1)")
         check(len(self.target_modules) > 0, _FIELD + "target_modules", "must name at least one module")
         check(all(isinstance(t, str) and t for t in self.target_modules), _FIELD + "target_modules",
               "entries must be non-empty module names")
-        check(self.task_embedding_dim >= 1, _FIELD + "task_embedding_dim", "must be >= 1")
         if self.clusters is not None:
             check(len(self.clusters) > 0, _FIELD + "clusters", "must map at least one task (or be null)")
             bad = sorted({c for c in self.clusters.values() if not (isinstance(c, str) and SAFE_NAME.match(c))})

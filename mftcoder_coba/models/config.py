@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mftcoder_coba.config_io import check
+from mftcoder_coba.config_io import bounded, check
 from mftcoder_coba.models.cgc_config import CgcLoraConfig
 
 Dtype = Literal["bf16", "fp32"]
@@ -21,11 +21,11 @@ Adapter = Literal["none", "lora", "qlora", "cgc_lora"]
 class LoraOptions:
     """LoRA hyper-parameters, used by ``adapter: lora`` and ``adapter: qlora`` (peft's ``LoraConfig``)."""
 
-    r: int = 16
+    r: int = bounded(16, gt=0)
     """Rank of each low-rank update ``B @ A``."""
-    alpha: float = 32.0
+    alpha: float = bounded(32.0, gt=0)
     """Scaling numerator: the update is multiplied by ``alpha / r``."""
-    dropout: float = 0.05
+    dropout: float = bounded(0.05, ge=0, lt=1)
     """Dropout applied to the adapter's input during training (0 disables it and keeps runs deterministic)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (suffixes) to adapt, e.g. ``[q_proj, v_proj]``; ``[all-linear]`` adapts every linear layer
@@ -35,9 +35,6 @@ class LoraOptions:
     when new tokens were added)."""
 
     def validate(self) -> None:
-        check(self.r > 0, "model.lora.r", f"must be > 0, got {self.r}")
-        check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
-        check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
         check(len(self.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
 
 
