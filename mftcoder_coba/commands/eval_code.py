@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mftcoder_coba.atomic import atomic_write_text, is_run_dir
+from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.cli_options import add_model_arguments
-from mftcoder_coba.evaluation.code_eval import canonical_completions, execute, format_summary, records, summarize
-from mftcoder_coba.evaluation.problems import HUMANEVAL, Problem, load_benchmark
+from mftcoder_coba.evaluation.code_eval import canonical_completions
+from mftcoder_coba.evaluation.code_run import (
+    RUN_RESULTS,
+    ModelOptions,
+    evaluate_checkpoints,
+    evaluate_target,
+    report,
+    score,
+)
+from mftcoder_coba.evaluation.problems import HUMANEVAL, load_benchmark
 from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling
 from mftcoder_coba.evaluation.sandbox import Limits
-
-if TYPE_CHECKING:
-    from mftcoder_coba.evaluation.targets import Target
-
-log = logging.getLogger(__name__)
-
-RUN_RESULTS = "eval_code.jsonl"
-"""Per-run file of ``--all-checkpoints``: one JSON line per (checkpoint step, benchmark) with its pass@k."""
-RUN_SAMPLES = "eval_code"
-"""Folder of a run holding ``--all-checkpoints``' per-sample files."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,20 +88,27 @@ def main(args: argparse.Namespace) -> int:
     if args.self_check:
         if args.target is not None or args.all_checkpoints:
             raise UserError("--self-check runs the benchmark's own solutions; give no TARGET / --all-checkpoints")
-        summary, results = _score(problems, canonical_completions(problems), ks, limits, args.workers,
-                                  {**settings, "self_check": True})
-        _report(summary, results, args.out, _samples_path(args))
+        summary, results = score(problems, canonical_completions(problems), ks, limits, args.workers,
+                                 {**settings, "self_check": True})
+        report(summary, results, args.out, _samples_path(args))
         return 0
     if args.target is None:
         raise UserError("TARGET is required (a run directory, an export or a model directory), or pass --self-check")
     settings["sampling"] = vars(sampling).copy()
+    options = ModelOptions(dtype=args.dtype, device=args.device, task=args.task, workers=args.workers,
+                           trust_remote_code=args.trust_remote_code)
     if args.all_checkpoints:
-        return _all_checkpoints(args, problems, n, ks, sampling, limits, settings)
+        if args.checkpoint is not None or args.adapter is not None:
+            raise UserError("--all-checkpoints scores every checkpoint of the run; drop --checkpoint/--adapter")
+        summaries = evaluate_checkpoints(args.target, problems, n, ks, sampling, limits, settings, options)
+        if args.out is not None:
+            atomic_write_text(args.out, json.dumps(summaries, indent=2) + "\n")
+        return 0
     from mftcoder_coba.evaluation.targets import resolve_target  # torch and transformers: only when generating
 
     target = resolve_target(args.target, checkpoint=args.checkpoint, adapter=args.adapter)
-    summary, results = _evaluate(target, args, problems, n, ks, sampling, limits, settings)
-    _report(summary, results, args.out, _samples_path(args))
+    summary, results = evaluate_target(target, problems, n, ks, sampling, limits, settings, options)
+    report(summary, results, args.out, _samples_path(args))
     return 0
 
 
@@ -124,129 +126,7 @@ def parse_ks(text: str | None, n: int) -> list[int]:
     return ks
 
 
-def _evaluate(target: Target, args: argparse.Namespace, problems: list[Problem], n: int, ks: list[int],
-              sampling: Sampling, limits: Limits, settings: dict) -> tuple[dict, list]:
-    from transformers import AutoTokenizer
-
-    from mftcoder_coba.evaluation.generation import generate_completions
-    from mftcoder_coba.evaluation.targets import first_line, load_model, pick_device
-
-    if target.tokenizer is None:
-        raise UserError(f"{target.path}: no tokenizer found beside the model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(target.tokenizer), local_files_only=True,
-                                                  trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{target.tokenizer}: cannot load the tokenizer ({first_line(exc)})") from None
-    model = load_model(target, dtype=args.dtype, device=pick_device(args.device), for_generation=True,
-                       trust_remote_code=args.trust_remote_code)
-    task_id = _select_task(model, target, args.task)
-    start = time.monotonic()
-    completions = generate_completions(model, tokenizer, problems, n, sampling, task_id=task_id)
-    generation_seconds = time.monotonic() - start
-    del model
-    return _score(problems, completions, ks, limits, args.workers,
-                  {**settings, "target": target.describe(), "task": args.task,
-                   "generation_seconds": round(generation_seconds, 2)})
-
-
-def _select_task(model, target: Target, task: str | None) -> int | None:
-    """Point a per-task model at ``--task``; the task id for a CGC-LoRA run's gates (None otherwise)."""
-    from mftcoder_coba.evaluation.targets import is_cgc, run_tasks, use_task
-
-    if target.task_adapters:
-        if task not in target.task_adapters:
-            raise UserError(f"{target.path}: one adapter per task; choose one with --task "
-                            f"({', '.join(target.task_adapters)})")
-        use_task(model, target, task)
-        return None
-    if is_cgc(model):
-        tasks = run_tasks(target) or []
-        if task not in tasks:
-            raise UserError(f"{target.path}: a CGC-LoRA run generates per task; choose one with --task "
-                            f"({', '.join(tasks) or 'task names unknown: export the run first'})")
-        return tasks.index(task)
-    if task is not None:
-        raise UserError(f"--task {task}: only CGC-LoRA runs and exports have per-task models")
-    return None
-
-
-def _score(problems: list[Problem], completions: list[list[str]], ks: list[int], limits: Limits, workers: int,
-           settings: dict) -> tuple[dict, list]:
-    start = time.monotonic()
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 50 == 0:
-            log.info("executed %d/%d samples", done, total)
-
-    results = execute(problems, completions, limits, workers, progress)
-    summary = {**settings, **summarize(results, ks), "execution_seconds": round(time.monotonic() - start, 2)}
-    return summary, results
-
-
 def _samples_path(args: argparse.Namespace) -> Path | None:
     if args.samples is not None:
         return args.samples
     return None if args.out is None else args.out.with_name(args.out.stem + ".samples.jsonl")
-
-
-def _report(summary: dict, results: list, out: Path | None, samples: Path | None) -> None:
-    print(format_summary(summary))
-    if samples is not None:
-        atomic_write_text(samples, "".join(json.dumps(r) + "\n" for r in records(results)))
-        log.info("wrote %s", samples)
-    if out is not None:
-        atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
-        log.info("wrote %s", out)
-
-
-def _all_checkpoints(args: argparse.Namespace, problems: list[Problem], n: int, ks: list[int], sampling: Sampling,
-                     limits: Limits, settings: dict) -> int:
-    from mftcoder_coba.evaluation.targets import resolve_target
-    from mftcoder_coba.models.persist import CHECKPOINT_NAME
-
-    run_dir = args.target
-    if not is_run_dir(run_dir):
-        raise UserError(f"--all-checkpoints: {run_dir} is not a run directory")
-    if args.checkpoint is not None or args.adapter is not None:
-        raise UserError("--all-checkpoints scores every checkpoint of the run; drop --checkpoint/--adapter")
-    folder = run_dir / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
-                   if (m := CHECKPOINT_NAME.match(p.name)))
-    if not steps:
-        raise UserError(f"{folder}: no complete checkpoint (step-N) found")
-    summaries = []
-    for step, checkpoint in steps:
-        try:
-            target = resolve_target(run_dir, checkpoint=checkpoint)
-            summary, results = _evaluate(target, args, problems, n, ks, sampling, limits, settings)
-        except UserError as exc:  # a damaged checkpoint: the others are still worth scoring
-            log.warning("skipping %s: %s", checkpoint, exc)
-            continue
-        summary["step"] = step
-        samples = run_dir / RUN_SAMPLES / f"{summary['benchmark']}-step-{step:08d}.samples.jsonl"
-        samples.parent.mkdir(exist_ok=True)
-        _report(summary, results, None, samples)
-        _record_in_run(run_dir / RUN_RESULTS, summary)
-        summaries.append(summary)
-    if not summaries:
-        raise UserError(f"{folder}: no checkpoint could be evaluated")
-    if args.out is not None:
-        atomic_write_text(args.out, json.dumps(summaries, indent=2) + "\n")
-    return 0
-
-
-def _record_in_run(path: Path, summary: dict) -> None:
-    """Add ``summary`` to the run's results file, replacing an earlier line of the same step and benchmark."""
-    lines = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                old = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (old.get("step"), old.get("benchmark")) != (summary["step"], summary["benchmark"]):
-                lines.append(old)
-    lines.append(summary)
-    lines.sort(key=lambda item: (str(item.get("benchmark")), item.get("step") or 0))
-    atomic_write_text(path, "".join(json.dumps(item) + "\n" for item in lines))
