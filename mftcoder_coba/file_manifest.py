@@ -14,24 +14,15 @@ digest (checkable with ``sha256sum``, no extra dependency) wins over a faster no
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mftcoder_coba.data.layout import file_sha256  # hashlib releases the GIL: threads hash in parallel
+
 MANIFEST = "files.json"
-_CHUNK = 1 << 22
 _THREADS = min(8, os.cpu_count() or 1)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (hashlib releases the GIL, so threads hash in parallel)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: str | Path) -> Path:
@@ -40,7 +31,7 @@ def write_manifest(folder: str | Path) -> Path:
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
     with ThreadPoolExecutor(_THREADS) as pool:
-        digests = list(pool.map(sha256_of, files))
+        digests = list(pool.map(file_sha256, files))
     entries = [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": d}
                for p, d in zip(files, digests)]
     path = folder / MANIFEST
@@ -76,7 +67,7 @@ def manifest_problem(folder: str | Path, *, checksums: bool = True, under: str =
             return f"{name} has {actual} bytes, {size} were written"
     if checksums:
         with ThreadPoolExecutor(_THREADS) as pool:
-            digests = list(pool.map(sha256_of, [folder / name for name, _, _ in recorded]))
+            digests = list(pool.map(file_sha256, [folder / name for name, _, _ in recorded]))
         for (name, _, expected), actual in zip(recorded, digests):
             if actual != expected:
                 return f"{name} does not match its sha256 in {MANIFEST}"
