@@ -353,9 +353,10 @@ def select_checkpoint(run_dir: Path, selection: str) -> tuple[Path, int]:
     steps = [int(p.name.split("-")[1]) for p in found]
     if selection == "last":
         return model_dir_of(run_dir, found[-1]), steps[-1]
+    from mftcoder_coba.plots import read_jsonl  # the one metrics reader: path:line errors, a torn tail tolerated
+
     losses: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_jsonl(run_dir / "metrics.jsonl", {"step": "number"}):
         values = [v for v in (record.get("valid_loss") or {}).values() if v is not None]
         if values:
             losses[int(record["step"])] = float(np.mean(values))   # a resumed run's later line wins
