@@ -96,12 +96,11 @@ def find_tokens(tokenizer: Any) -> FimTokens | None:
     return None
 
 
-def require_tokens(tokenizer: Any, tasks: list[str]) -> FimTokens:
-    """The tokenizer's FIM markers, or one error line saying which it lacks."""
-    tokens = find_tokens(tokenizer)
+def require_tokens(tokens: FimTokens | None, tokenizer_name: str, tasks: list[str]) -> FimTokens:
+    """The tokenizer's FIM markers (:func:`find_tokens`), or one error line saying which it lacks."""
     if tokens is None:
         known = "; ".join("/".join(family) for family in FAMILIES)
-        raise UserError(f"--fim {', '.join(tasks)}: tokenizer '{tokenizer.name_or_path}' has no FIM special tokens "
+        raise UserError(f"--fim {', '.join(tasks)}: tokenizer '{tokenizer_name}' has no FIM special tokens "
                         f"(looked for {known}); use a code model's tokenizer or drop --fim")
     return tokens
 

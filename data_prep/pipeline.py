@@ -26,7 +26,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -63,11 +62,9 @@ from mftcoder_coba.data_prep.pack import BestFitPacker, Row, Sample
 from mftcoder_coba.data_prep.render import Renderer, TemplateChoice
 from mftcoder_coba.data_prep.shards import ShardWriter
 from mftcoder_coba.data_prep.stats import SplitStats
+from mftcoder_coba.data_prep.tokenizer_cache import PrepTokenizer, describe, prep_tokenizer, unpickle_state
 from mftcoder_coba.data_prep.tokens import (
-    Encoder,
-    LazyTokenizer,
     encode_threads,
-    load_tokenizer,
     quiet_worker_threads,
     serial_encode_calls,
     tokenizer_files_sha256,
@@ -214,40 +211,13 @@ class _Work:
 _STATE: dict[str, Any] = {}
 
 
-_WARM_ROUNDS = 8
-"""Conversation shapes (with and without a system prompt, 1 to this many rounds) whose template plans the
-parent makes before shipping the renderer to ``--workers`` processes."""
-
-
-def _worker_state(tokenizer: Any, work: _Work) -> bytes:
-    """The renderer and encoder a ``--workers`` process uses, made and pickled here (once for all workers:
-    pickling a tokenizer serialises its whole vocabulary) so the worker need not load them.
-
-    Loading them in a worker means importing transformers (and torch with it) and the tokenizer again:
-    2-3 s of CPU per worker, a fifth of the whole run on a 15 M-token corpus. The encoder (Rust tokenizers)
-    pickles as it is; the renderer goes with its chat-template plans for the common conversation shapes
-    already made and a :class:`LazyTokenizer` in place of the tokenizer, which a worker loads only if a
-    record needs the template itself (a shape not made here, tool calls, a template that edits contents).
-    A shape whose template fails is left to the worker, which reports it for the record that has it.
-    """
-    renderer = Renderer(tokenizer, work.template)
-    if renderer.mode == "chat":
-        for system in (False, True):
-            for rounds in range(1, _WARM_ROUNDS + 1):
-                chat = [{"role": "system", "content": "s"}] if system else []
-                chat += [{"role": role, "content": role[0]} for _ in range(rounds) for role in ("user", "assistant")]
-                with contextlib.suppress(UserError, BadRecord):
-                    renderer.render(normalise({"chat_rounds": chat}, "warm-up"))
-    renderer.tokenizer = LazyTokenizer(work.tokenizer_dir, str(tokenizer.name_or_path))
-    return pickle.dumps((renderer, Encoder(tokenizer)), protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def _init_worker(work: _Work, parent: int, state: bytes) -> None:
     """Initializer of a ``--workers`` process: bound to the life of prep, then set up for batches with the
-    parent's renderer and encoder (:func:`_worker_state`)."""
+    renderer and encoder the parent loaded or found cached (:mod:`tokenizer_cache`): the worker needs neither
+    transformers nor torch, which would cost it 2-3 s of CPU to import."""
     _die_with_parent(parent)
     quiet_worker_threads()
-    renderer, encoder = pickle.loads(state)
+    renderer, encoder = unpickle_state(state, work.tokenizer_dir)
     _STATE.update(renderer=renderer, encoder=encoder, work=work)
 
 
@@ -475,7 +445,7 @@ def _same(outcomes: list[Outcome]) -> list[Outcome]:
     return outcomes
 
 
-def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, workers: int, tokenizer: Any
+def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, workers: int, made: PrepTokenizer
                  ) -> Iterator[tuple[list[tuple[int, bool]], list[Outcome]]]:
     """Outcomes batch by batch, in submission order, with at most two batches per thread or worker in flight.
 
@@ -485,12 +455,13 @@ def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, wo
     its next batch and this thread packs and writes, and every core stays busy without the pool's hand-offs
     and per-call tails. More workers are processes, started with spawn (never fork a process that may hold
     threads or a CUDA context) under a ProcessPoolExecutor, so a worker that dies fails the run instead of
-    hanging it; they get the renderer and encoder made here (:func:`_worker_state`) and send each batch
-    back as two flat arrays (:func:`_process_flat`).
+    hanging it; they get the pickled renderer and encoder (:func:`_init_worker`) and send each batch back as
+    two flat arrays (:func:`_process_flat`).
     """
     serial: contextlib.AbstractContextManager = contextlib.nullcontext()
     if workers == 1:
-        _STATE.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
+        renderer, encoder = made.objects(work.tokenizer_dir)
+        _STATE.update(renderer=renderer, encoder=encoder, work=work)
         threads = encode_threads()
         executor: Executor = ThreadPoolExecutor(threads)
         serial = serial_encode_calls()
@@ -500,7 +471,7 @@ def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, wo
         threads = workers
         executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker,
-                                       initargs=(work, os.getpid(), _worker_state(tokenizer, work)))
+                                       initargs=(work, os.getpid(), made.state))
         process, unpack = _process_flat, _unflatten
     with serial, executor:
         pending: collections.deque = collections.deque()
@@ -556,13 +527,13 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     # Leftovers of any killed writer in OUT's folder (not only of an earlier run to this OUT): a dead prep's
     # hidden temporary directory can be as large as its output.
     remove_stale(Path(os.path.abspath(out)).parent)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    renderer = Renderer(tokenizer, opts.template)
-    vocab_size = len(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    made = prep_tokenizer(tokenizer_dir, opts.template)
+    facts = made.facts
+    log.info("tokenizer %s: %s", tokenizer_dir, describe(made))
+    vocab_size = facts.vocab_size
     tok_files = [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
-    fim_tokens = fim.require_tokens(tokenizer, sorted(opts.fim)) if any(r.rate > 0 for r in opts.fim.values()) \
-        else None
+    fim_tokens = fim.require_tokens(facts.fim_tokens, str(tokenizer_dir), sorted(opts.fim)) \
+        if any(r.rate > 0 for r in opts.fim.values()) else None
 
     names = [name for name, _ in task_list]
     tasks: list[_Task] = []
@@ -597,7 +568,8 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
         stats = {split: SplitStats(len(tasks), opts.seq_len) for split in SPLITS}
         for tid, empty in enumerate(skipped_files):
             stats["train"].tasks[tid].skipped.update(empty)
-        writers = {split: ShardWriter(temp / split, opts.seq_len, dtypes, pad_id, rows_per_shard) for split in SPLITS}
+        writers = {split: ShardWriter(temp / split, opts.seq_len, dtypes, facts.pad_token_id, rows_per_shard)
+                   for split in SPLITS}
         train_packer = BestFitPacker(opts.seq_len)
         valid_packers = [BestFitPacker(opts.seq_len, buffer_tokens=32 * opts.seq_len, max_open_rows=16)
                          for _ in tasks]
@@ -608,7 +580,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 for row in rows:
                     stats[split].add_row(row)
 
-        work = _Work(str(tokenizer_dir), renderer.mode, opts.seq_len, opts.overlong)
+        work = _Work(str(tokenizer_dir), facts.mode, opts.seq_len, opts.overlong)
         total = sum(t.mix.exposures for t in tasks)
         fim_counts = {split: [collections.Counter() for _ in tasks] for split in SPLITS}
         from tqdm import tqdm
@@ -616,7 +588,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
         with tqdm(total=total, unit="rec", desc="prep", disable=None if opts.progress else True) as bar, \
                 _no_cyclic_gc():
             batches = _batches(_interleave(tasks), tasks, opts.batch_records, opts.seed)
-            for meta, outcomes in _run_batches(batches, work, opts.workers, tokenizer):
+            for meta, outcomes in _run_batches(batches, work, opts.workers, made):
                 for (tid, held_out, fim_order), (status, a, b, loss_tokens) in zip(meta, outcomes):
                     split = "valid" if held_out else "train"
                     task_stats = stats[split].tasks[tid]
@@ -649,7 +621,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
         tok_hash, tok_hashes = tokenizer_files_sha256(tok_out)
         tokenizer_info = {
             "dir": "../tokenizer", "source": str(tokenizer_dir.resolve()), "name_or_path": str(tokenizer_dir.name),
-            "class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token_id": tokenizer.eos_token_id,
+            "class": facts.class_name, "vocab_size": vocab_size, "eos_token_id": facts.eos_token_id,
             "sha256": tok_hash, "files": tok_hashes,
         }
         manifests = {}
@@ -658,7 +630,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
             manifests[split] = {
                 "format": manifest_io.FORMAT, "format_version": manifest_io.FORMAT_VERSION, "split": split,
                 "seq_len": opts.seq_len, "num_rows": writers[split].rows, "dtypes": dtypes,
-                "pad_token_id": pad_id, "template": renderer.mode, "tokenizer": tokenizer_info, "tasks": names,
+                "pad_token_id": facts.pad_token_id, "template": facts.mode, "tokenizer": tokenizer_info, "tasks": names,
                 **stats[split].summary(names), "shards": shards, "arguments": opts.arguments(),
                 **_mix_and_fim(tasks, split, fim_counts[split], fim_tokens),
             }

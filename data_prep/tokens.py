@@ -25,13 +25,14 @@ import contextlib
 import hashlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mftcoder_coba.data.layout import file_sha256
 from mftcoder_coba.errors import UserError
 
 
@@ -82,11 +83,13 @@ class LazyTokenizer:
         return "_tokenizer" in self.__dict__
 
 
-def tokenizer_files_sha256(path: Path) -> tuple[str, dict[str, str]]:
-    """Hash of every file of the tokenizer directory (names and bytes), and each file's own hash."""
+def tokenizer_files_sha256(path: Path, names: Iterable[str] | None = None) -> tuple[str, dict[str, str]]:
+    """Hash of the tokenizer directory's files (names and bytes), and each file's own hash: every file under
+    ``path``, or only ``names``."""
+    chosen = (path / name for name in names) if names is not None else (p for p in path.rglob("*") if p.is_file())
     files: dict[str, str] = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        files[file.relative_to(path).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+    for file in sorted(chosen):
+        files[file.relative_to(path).as_posix()] = file_sha256(file)
     total = hashlib.sha256("".join(f"{name}\0{digest}\n" for name, digest in files.items()).encode()).hexdigest()
     return total, files
 

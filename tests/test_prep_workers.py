@@ -13,6 +13,7 @@ import pytest
 from mftcoder_coba.data_prep import pipeline
 from mftcoder_coba.data_prep.formats import normalise
 from mftcoder_coba.data_prep.render import Renderer
+from mftcoder_coba.data_prep.tokenizer_cache import WARM_ROUNDS, prep_tokenizer, unpickle_state
 from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer
 from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
@@ -55,7 +56,7 @@ def _reference(batch: list[tuple], work: pipeline._Work, state: dict) -> list[tu
 
 def test_worker_needs_no_transformers_and_matches_this_process(tmp_path, state):
     work = _work()
-    (tmp_path / "state.pkl").write_bytes(pipeline._worker_state(load_tokenizer(TOKENIZER_DIR), work))
+    (tmp_path / "state.pkl").write_bytes(prep_tokenizer(TOKENIZER_DIR, "auto").state)
     records = _records()
     (tmp_path / "batch.json").write_text(json.dumps([("in", i + 1, 1, r.decode()) for i, r in enumerate(records)]))
     result = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "state.pkl"),
@@ -96,11 +97,11 @@ def test_flat_batch_pickles_two_arrays_not_one_per_sample(state):
 
 def test_shape_not_planned_by_the_parent_loads_the_tokenizer_in_the_worker():
     tokenizer = load_tokenizer(TOKENIZER_DIR)
-    renderer, _ = pickle.loads(pipeline._worker_state(tokenizer, _work()))
+    renderer, _ = unpickle_state(prep_tokenizer(TOKENIZER_DIR, "auto").state, TOKENIZER_DIR)
     planned = {"chat_rounds": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1"}]}
     assert renderer.render(normalise(planned, "t")) == Renderer(tokenizer).render(normalise(planned, "t"))
     assert not renderer.tokenizer.loaded
-    rounds = pipeline._WARM_ROUNDS + 1
+    rounds = WARM_ROUNDS + 1
     long = {"chat_rounds": [{"role": role, "content": f"{role} {i}"} for i in range(rounds)
                             for role in ("user", "assistant")]}
     assert renderer.render(normalise(long, "t")) == Renderer(tokenizer).render(normalise(long, "t"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,14 @@ from mftcoder_coba.atomic import atomic_write_text
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.data.layout import shard_problem
 from mftcoder_coba.errors import UserError
+from mftcoder_coba.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mftcoder-coba/verified`` (``~/.cache/...`` when the variable is unset or empty)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mftcoder-coba" / "verified"
+    """``$XDG_CACHE_HOME/mftcoder-coba/verified`` (:func:`mftcoder_coba.user_cache.user_cache_dir`)."""
+    return user_cache_dir("verified")
 
 
 def _state(file: Path, sha256: str) -> dict[str, Any]:
