@@ -119,11 +119,31 @@ class Encoder:
     """Batched tokenisation of ``(text, loss spans)`` into int32 ids and uint8 "is a loss target" masks."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.backend = tokenizer.backend_tokenizer
+        self._backend: Any = tokenizer.backend_tokenizer
+        self._backend_json: str | None = None
         self.vocab_size = len(tokenizer)
         self.piecewise = self._ids(["\n", "def"]) == [self._ids(["\n"])[0], self._ids(["def"])[0]] and \
             self._ids(["\ndef"])[0] == self._ids(["\n"])[0] + self._ids(["def"])[0]
         self._joiner = _joining_copy(self.backend, tokenizer) if self.piecewise else None
+
+    @property
+    def backend(self) -> Any:
+        """The Rust tokenizer (rebuilt on first use after unpickling, see :meth:`__getstate__`)."""
+        if self._backend is None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(self._backend_json)
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for ``--workers`` and the prep tokenizer cache: where the joining copy encodes every batch,
+        the backend itself serves only the rare batch that holds the separator, so it travels as its JSON and
+        is rebuilt when such a batch comes. Rebuilding a tokenizer is most of a worker's start-up (about 0.4 s
+        for a 128k vocabulary), and unpickling would otherwise rebuild two."""
+        state = dict(self.__dict__)
+        if self._joiner is not None and self._backend is not None:
+            state["_backend"], state["_backend_json"] = None, self._backend.to_str()
+        return state
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in _encode_fast(self.backend, texts)]

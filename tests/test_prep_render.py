@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -227,3 +228,11 @@ def test_joined_pieces_encode_exactly_as_separate_pieces(tokenizer):
         encoded = encoder.encode([t for t, _ in batch], [s for _, s in batch])
         for (text, spans), (ids, mask) in zip(batch, encoded):
             assert (ids.tolist(), mask.tolist()) == _one_encoding_per_piece(tokenizer, text, spans)
+    # pickled (for workers and the cache) the backend travels as JSON, rebuilt only for a batch that needs it
+    shipped = pickle.loads(pickle.dumps(encoder))
+    assert shipped._backend is None and shipped._joiner is not None
+    for batch in (rendered, with_separator):
+        texts, spans = [t for t, _ in batch], [s for _, s in batch]
+        assert [(i.tolist(), m.tolist()) for i, m in shipped.encode(texts, spans)] == \
+            [(i.tolist(), m.tolist()) for i, m in encoder.encode(texts, spans)]
+        assert (shipped._backend is None) == (batch is rendered)
