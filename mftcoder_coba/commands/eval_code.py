@@ -1,6 +1,7 @@
 """``mftcoder-coba eval-code TARGET --benchmark humaneval|FILE.jsonl``: pass@k of generated code, run in a sandbox.
 
-Generates ``--n`` completions per problem (transformers ``generate``, KV cache, batched), runs each as
+Generates ``--n`` completions per problem (transformers ``generate``, KV cache, batched; or vLLM, see
+:mod:`mftcoder_coba.evaluation.vllm_engine`), runs each as
 ``prompt + completion + test`` in its own sandboxed interpreter (:mod:`mftcoder_coba.evaluation.sandbox`:
 not a security boundary, see there) and reports unbiased pass@k. ``--self-check`` runs the benchmark's
 canonical solutions instead of a model (HumanEval must give pass@1 = 1.0). ``--all-checkpoints`` scores
@@ -27,6 +28,7 @@ from mftcoder_coba.evaluation.code_run import (
 from mftcoder_coba.evaluation.problems import HUMANEVAL, load_benchmark
 from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling
 from mftcoder_coba.evaluation.sandbox import Limits
+from mftcoder_coba.evaluation.vllm_engine import ENGINES, RUN_CHECKPOINTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling probability mass")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per completion at most")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="sequences generated together (transformers; vLLM schedules its own batches)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="generation engine; auto: vLLM when it is installed and TARGET is a plain model "
+                             "(no adapters, not a run), else transformers")
     parser.add_argument("--prompt-format", choices=("raw", "chat"), default="raw",
                         help="raw: continue the prompt; chat: the tokenizer's chat template")
     parser.add_argument("--instruction", default=None,
@@ -96,10 +102,12 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("TARGET is required (a run directory, an export or a model directory), or pass --self-check")
     settings["sampling"] = vars(sampling).copy()
     options = ModelOptions(dtype=args.dtype, device=args.device, task=args.task, workers=args.workers,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, engine=args.engine)
     if args.all_checkpoints:
         if args.checkpoint is not None or args.adapter is not None:
             raise UserError("--all-checkpoints scores every checkpoint of the run; drop --checkpoint/--adapter")
+        if args.engine == "vllm":
+            raise UserError(f"--engine vllm: {RUN_CHECKPOINTS}; use --engine transformers")
         summaries = evaluate_checkpoints(args.target, problems, n, ks, sampling, limits, settings, options)
         if args.out is not None:
             atomic_write_text(args.out, json.dumps(summaries, indent=2) + "\n")

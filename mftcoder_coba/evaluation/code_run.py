@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from mftcoder_coba.evaluation.prompts import Sampling
 from mftcoder_coba.evaluation.sandbox import Limits
 
 if TYPE_CHECKING:
+    from mftcoder_coba.evaluation.generation import Engine
     from mftcoder_coba.evaluation.targets import Target
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,10 @@ class ModelOptions:
     workers: int
     """Sandboxed processes running completions at once."""
     trust_remote_code: bool
-    """Let transformers run the model's own code."""
+    """Let transformers (or vLLM) run the model's own code."""
+    engine: str = "auto"
+    """``--engine``: ``transformers``, ``vllm`` or ``auto`` (see
+    :func:`~mftcoder_coba.evaluation.vllm_engine.choose_engine`)."""
 
 
 def evaluate_target(target: Target, problems: list[Problem], n: int, ks: list[int], sampling: Sampling,
@@ -52,8 +57,10 @@ def evaluate_target(target: Target, problems: list[Problem], n: int, ks: list[in
     from transformers import AutoTokenizer
 
     from mftcoder_coba.evaluation.generation import generate_completions
-    from mftcoder_coba.evaluation.targets import first_line, load_model, pick_device
+    from mftcoder_coba.evaluation.targets import first_line
+    from mftcoder_coba.evaluation.vllm_engine import choose_engine, vllm_engine
 
+    engine_name = choose_engine(options.engine, target, options)
     if target.tokenizer is None:
         raise UserError(f"{target.path}: no tokenizer found beside the model")
     try:
@@ -61,16 +68,38 @@ def evaluate_target(target: Target, problems: list[Problem], n: int, ks: list[in
                                                   trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"{target.tokenizer}: cannot load the tokenizer ({first_line(exc)})") from None
+    start = time.monotonic()
+    try:
+        engine = (vllm_engine if engine_name == "vllm" else transformers_engine)(target, tokenizer, sampling, options)
+        completions = generate_completions(engine, problems, n, sampling)
+    except UserError as exc:
+        if engine_name != "vllm" or options.engine == "vllm":
+            raise
+        # vLLM lacks the architecture, or its kernels this head size on this device: transformers may not
+        log.warning("%s; generating with transformers (--engine auto)", exc)
+        engine_name, start = "transformers", time.monotonic()
+        engine = transformers_engine(target, tokenizer, sampling, options)
+        completions = generate_completions(engine, problems, n, sampling)
+    generation_seconds = time.monotonic() - start
+    del engine  # and the model it holds, before the samples run
+    return score(problems, completions, ks, limits, options.workers,
+                 {**settings, "target": target.describe(), "task": options.task, "engine": engine_name,
+                  "generation_seconds": round(generation_seconds, 2)})
+
+
+def transformers_engine(target: Target, tokenizer, sampling: Sampling, options: ModelOptions) -> Engine:
+    """An engine generating with transformers ``generate`` on ``target``'s model (loaded now, for ``--task``)."""
+    from mftcoder_coba.evaluation.generation import generate
+    from mftcoder_coba.evaluation.targets import load_model, pick_device
+
     model = load_model(target, dtype=options.dtype, device=pick_device(options.device), for_generation=True,
                        trust_remote_code=options.trust_remote_code)
     task_id = select_task(model, target, options.task)
-    start = time.monotonic()
-    completions = generate_completions(model, tokenizer, problems, n, sampling, task_id=task_id)
-    generation_seconds = time.monotonic() - start
-    del model
-    return score(problems, completions, ks, limits, options.workers,
-                 {**settings, "target": target.describe(), "task": options.task,
-                  "generation_seconds": round(generation_seconds, 2)})
+
+    def engine(prompts: list[str], progress: Callable[[int], None]) -> list[str]:
+        return generate(model, tokenizer, prompts, sampling, task_id=task_id, progress=progress)
+
+    return engine
 
 
 def select_task(model, target: Target, task: str | None) -> int | None:
