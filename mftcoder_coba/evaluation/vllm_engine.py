@@ -9,6 +9,7 @@ stop sequences, so greedy decoding gives the same completions with either engine
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -60,13 +61,25 @@ def vllm_missing() -> str | None:
     return None
 
 
+def process_group_running() -> str | None:
+    """Why vLLM must not run in this process now: torch.distributed is running (a trainer's, in the same process).
+    vLLM builds its groups on that default group and destroys it when its engine shuts down, under its owner
+    (DeepSpeed keeps using the group it cached)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return ("torch.distributed is already running in this process, and vLLM's engine destroys its default "
+                "group when it shuts down")
+    return None
+
+
 def choose_engine(requested: str, target: Target, options: ModelOptions) -> str:
     """``transformers`` or ``vllm`` for ``--engine requested``, logged with the reason; ``--engine vllm`` that
     cannot be honoured is a :class:`UserError`."""
     if requested == "transformers":
         log.info("generation engine: transformers (--engine transformers)")
         return "transformers"
-    reason = unservable(target, options) or vllm_missing()
+    reason = unservable(target, options) or vllm_missing() or process_group_running()
     if reason is None:
         log.info("generation engine: vllm (--engine %s: a plain model and vllm is installed)", requested)
         return "vllm"
@@ -110,10 +123,13 @@ def vllm_engine(target: Target, tokenizer, sampling: Sampling, options: ModelOpt
                   seed=sampling.seed, trust_remote_code=options.trust_remote_code,
                   generation_config="vllm",  # as transformers' path: the end token below, not the model's list
                   enforce_eager=current_platform.is_cpu())  # compiling: 32 s a load on 2 CPU cores, eager 3 s
+        failure = None
     except Exception as exc:  # noqa: BLE001 - vLLM reports an unsupported model or device in many ways
-        release()
         log.debug("vLLM failed to load %s", target.base, exc_info=True)
-        raise UserError(f"{target.path}: vLLM cannot load the model ({vllm_error(exc)})") from None
+        failure = vllm_error(exc)
+    if failure is not None:  # outside the handler: the traceback, and what vLLM built, are garbage now
+        release(None)
+        raise UserError(f"{target.path}: vLLM cannot load the model ({failure})")
     eos = end_token(tokenizer, config.get("eos_token_id"))
     params = SamplingParams(
         n=1, temperature=sampling.temperature, top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
@@ -128,12 +144,13 @@ def vllm_engine(target: Target, tokenizer, sampling: Sampling, options: ModelOpt
         requests = [{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, prompts, sampling)]
         try:
             outputs = loaded[0].generate(requests, params, use_tqdm=False)
+            failure = None
         except Exception as exc:  # noqa: BLE001 - a prompt past the model's context, a head size its kernels lack
             log.debug("vLLM failed to generate", exc_info=True)
-            raise UserError(f"{target.path}: vLLM cannot generate ({vllm_error(exc)})") from None
-        finally:
-            loaded.clear()
-            release()
+            outputs, failure = [], vllm_error(exc)
+        release(loaded.pop())
+        if failure is not None:
+            raise UserError(f"{target.path}: vLLM cannot generate ({failure})")
         completions = decode_completions(tokenizer, [list(o.outputs[0].token_ids) for o in outputs], sampling)
         progress(len(completions))
         return completions
@@ -150,9 +167,14 @@ def vllm_error(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def release() -> None:
-    """Free unreferenced vLLM engines and vLLM's process-wide state (its torch.distributed group), so that the
-    process can load another model, with either engine, afterwards."""
+def release(llm) -> None:
+    """Shut ``llm``'s engine down now (None: only collect what a failed load left), then vLLM's process-wide state
+    (its torch.distributed group), so that the process can load another model, with either engine, afterwards.
+    Left to the garbage collector, vLLM's engine shuts down whenever it is collected, and takes down whatever
+    default process group is running by then (a later trainer's in the same process)."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
     cleanup_dist_env_and_memory()
