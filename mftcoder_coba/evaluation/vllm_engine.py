@@ -2,10 +2,14 @@
 
 vLLM (``pip install 'mftcoder-coba[vllm]'``) serves plain transformers model directories: no peft adapters, no
 per-task adapters or CGC-LoRA gates, no run checkpoints (those are rebuilt by mftcoder-coba's own loader; export
-the run and evaluate the export's plain model). It is given the token ids :func:`encode_prompts` makes and its
-tokens are cut by :func:`decode_completions`, as transformers' are, with the same sampling settings, end token and
-stop sequences, so greedy decoding gives the same completions with either engine (up to floating-point ties).
-``--batch-size`` does not apply: vLLM schedules its own batches. vLLM is imported only here, only when used.
+the run and evaluate the export's plain model). It is given the token ids
+:func:`~mftcoder_coba.evaluation.generation.encode_prompts` makes and its tokens are cut by
+:func:`~mftcoder_coba.evaluation.generation.decode_completions`, as transformers' are, with the same sampling
+settings, end token and stop sequences, so greedy decoding gives the same completions with either engine (the
+same floating-point precision given). ``--batch-size`` does not apply: vLLM schedules its own batches. Under
+``auto``, a model vLLM cannot load or run (an architecture it lacks, a head size its kernels lack) is generated
+with transformers instead, with a warning. The engine runs in this process; vLLM is imported only here, only
+when used.
 """
 from __future__ import annotations
 
