@@ -10,7 +10,10 @@ directory, then alternates, round by round so both see the same machine load:
 * raw per process: the same call driven from one spawned process per core (pool off), timed from
   starting the processes, so it pays a start-up as prep does;
 * prep: ``prepare(..., workers=2)`` end to end in a fresh interpreter (start-up, reading, rendering,
-  tokenising, packing, writing and hashing the shards included), and its peak RSS.
+  tokenising, packing, writing and hashing the shards included), and its peak RSS, with the tokenizer in prep's
+  tokenizer cache (as on every run after the first with that tokenizer);
+* prep, first run: the same with an empty cache (``XDG_CACHE_HOME`` a new folder each time), so it loads the
+  tokenizer through transformers (importing torch) as a first run does.
 
 Every rate is the same token count (the raw call's) over each contender's wall time. The ratios of medians
 and of each round's pair are written with machine, date, load and versions to ``benchmarks/data_prep/``.
@@ -196,11 +199,15 @@ print(json.dumps({"cpu_s": cpu, "prepare_s": end - imported, "import_s": importe
 
 
 def prep_run(corpus: Path, tokenizer_dir: Path, out: Path, seq_len: int, workers: int) -> dict[str, Any]:
-    """``prepare`` in a fresh interpreter: its wall time (and the whole process's), tokens, peak RSS."""
+    """``prepare`` in a fresh interpreter: its wall time (and the whole process's), tokens, peak RSS.
+
+    It runs in ``out``'s folder: ``python -c`` puts its working directory first on ``sys.path``, so started
+    from a checkout it would import that checkout's package instead of a ``--before`` tree on PYTHONPATH."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _PREP_CHILD, str(corpus), str(tokenizer_dir), str(seq_len),
-                             str(out), str(workers)], capture_output=True, text=True, check=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    paths = [str(p.resolve()) for p in (corpus, tokenizer_dir, out)]
+    result = subprocess.run([sys.executable, "-c", _PREP_CHILD, *paths[:2], str(seq_len), paths[2], str(workers)],
+                            capture_output=True, text=True, check=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=out.parent)
     return json.loads(result.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - start}
 
 
@@ -223,8 +230,16 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
     with corpus.open(encoding="utf-8") as f:
         one.write_text(f.readline() + f.readline(), encoding="utf-8")
 
-    def prep(source: Path | None, path: Path = corpus) -> dict[str, Any]:
-        env = {"PYTHONPATH": str(source)} if source is not None else {}
+    warm_cache = tmp / "cache-warm"
+    # prep's own cache moves with XDG_CACHE_HOME; the Hugging Face one stays where a user's first run finds it
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    cold_runs = iter(range(1_000_000))
+
+    def prep(source: Path | None, path: Path = corpus, cold: bool = False) -> dict[str, Any]:
+        cache = tmp / f"cache-cold-{next(cold_runs)}" if cold else warm_cache
+        env = {"XDG_CACHE_HOME": str(cache), "HF_HOME": hf_home} | \
+            ({"PYTHONPATH": str(source)} if source is not None else {})
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -238,10 +253,12 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
         "raw_per_process": lambda: dict(zip(("wall_s", "tokens", "cpu_s"),
                                             raw_per_process(tokenizer_dir, texts, workers))),
         "prep": lambda: prep(None),
+        "prep_first_run": lambda: prep(None, cold=True),
     }
     if before is not None:
         contenders["prep_before"] = lambda: prep(before)
     tokens = raw_batched(tokenizer, texts)[1]  # (also a warm-up)
+    prep(None, one)  # fills the warm cache
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in contenders}
     names = list(contenders)
     for r in range(rounds):
@@ -252,7 +269,7 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
             runs[k].append(result | {"tokens_per_s": tokens / wall, "cpu_ns_per_token": result["cpu_s"] / tokens * 1e9,
                                      "load_before": load})
             print(f"round {r} {k:16s} {tokens / wall / 1e6:6.2f} M tok/s  (load {load:.1f})", flush=True)
-    startup = {"prep": prep(None, one)["prepare_s"]}
+    startup = {"prep": prep(None, one)["prepare_s"], "prep_first_run": prep(None, one, cold=True)["prepare_s"]}
     if before is not None:
         startup["prep_before"] = prep(before, one)["prepare_s"]
 
@@ -266,6 +283,8 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
               "tokens_per_s": {k: _spread([x["tokens_per_s"] for x in v]) for k, v in runs.items()},
               "ratio_prep_to_raw": ratios("prep", "raw"),
               "ratio_prep_to_raw_per_process": ratios("prep", "raw_per_process"),
+              "ratio_first_run_to_raw": ratios("prep_first_run", "raw"),
+              "cpu_ratio_raw_to_first_run": ratios("prep_first_run", "raw", "cpu_ns_per_token"),
               "cpu_ratio_raw_to_prep": ratios("prep", "raw", "cpu_ns_per_token"),
               "cpu_ratio_raw_per_process_to_prep": ratios("prep", "raw_per_process", "cpu_ns_per_token"),
               "startup_s_two_records": startup,
@@ -292,23 +311,25 @@ def table(results: list[dict[str, Any]]) -> str:
     def cpu(r: dict[str, Any]) -> str:
         if "cpu_ratio_raw_to_prep" not in r:
             return "not measured"
-        before = r.get("cpu_ratio_raw_to_before")
-        return ratio(r, "cpu_ratio_raw_to_prep") + ("" if before is None else f" ({before['median']:.2f})")
+        first = r.get("cpu_ratio_raw_to_first_run")
+        return ratio(r, "cpu_ratio_raw_to_prep") + ("" if first is None else f" ({first['median']:.2f})")
+
+    def startup(r: dict[str, Any]) -> str:
+        up = r["startup_s_two_records"]
+        return " / ".join(f"{up[k]:.1f} s" for k in ("prep", "prep_first_run", "prep_before") if k in up)
 
     lines = [("| tokenizer | corpus | raw `tokenizer(texts[k:k+1000])` | raw, a process per core | prep `--workers 2` "
-              "| prep / raw | prep / raw per process | before: prep / raw | before: prep / raw per process "
-              "| CPU per token: raw / prep (before) | start-up (2 records) now / before | peak RSS parent / worker |"),
+              "| prep / raw | prep / raw per process | first run: prep / raw | before: prep / raw "
+              "| CPU per token: raw / prep (first run) | start-up (2 records): prep / first run / before "
+              "| peak RSS parent / worker |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        up = r["startup_s_two_records"]
         lines.append(
             f"| {r['tokenizer']} ({r['vocab_size']:,} tokens) "
             f"| {r['records']:,} records, {r['tokens'] / 1e6:.1f} M tokens "
             f"| {rate(r, 'raw')} | {rate(r, 'raw_per_process')} | {rate(r, 'prep')} "
             f"| {ratio(r, 'ratio_prep_to_raw')} | {ratio(r, 'ratio_prep_to_raw_per_process')} "
-            f"| {ratio(r, 'ratio_before_to_raw')} | {ratio(r, 'ratio_before_to_raw_per_process')} "
-            f"| {cpu(r)} "
-            f"| {up['prep']:.1f} s / {up.get('prep_before', float('nan')):.1f} s "
+            f"| {ratio(r, 'ratio_first_run_to_raw')} | {ratio(r, 'ratio_before_to_raw')} | {cpu(r)} | {startup(r)} "
             f"| {r['peak_rss_mib']['max']:.0f} / {r['worker_peak_rss_mib']['max']:.0f} MiB |")
     return "\n".join(lines)
 
@@ -345,9 +366,9 @@ def main() -> None:
     out = args.out or RESULTS_DIR / f"real_vocab_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    for key in ("ratio_prep_to_raw", "ratio_prep_to_raw_per_process", "ratio_before_to_raw",
+    for key in ("ratio_prep_to_raw", "ratio_prep_to_raw_per_process", "ratio_first_run_to_raw", "ratio_before_to_raw",
                 "ratio_before_to_raw_per_process", "cpu_ratio_raw_to_prep", "cpu_ratio_raw_per_process_to_prep",
-                "cpu_ratio_raw_to_before"):
+                "cpu_ratio_raw_to_first_run", "cpu_ratio_raw_to_before"):
         if key in result:
             r = result[key]
             print(f"{key:34s} {r['median']:.3f} (rounds {r['min']:.3f}-{r['max']:.3f})")
