@@ -236,14 +236,15 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
     cold_runs = iter(range(1_000_000))
 
-    def prep(source: Path | None, path: Path = corpus, cold: bool = False) -> dict[str, Any]:
+    def prep(source: Path | None, path: Path = corpus, cold: bool = False, processes: int = workers
+             ) -> dict[str, Any]:
         cache = tmp / f"cache-cold-{next(cold_runs)}" if cold else warm_cache
         env = {"XDG_CACHE_HOME": str(cache), "HF_HOME": hf_home} | \
             ({"PYTHONPATH": str(source)} if source is not None else {})
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            return prep_run(path, tokenizer_dir, tmp / "out", seq_len, workers)
+            return prep_run(path, tokenizer_dir, tmp / "out", seq_len, processes)
         finally:
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -255,6 +256,8 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
         "prep": lambda: prep(None),
         "prep_first_run": lambda: prep(None, cold=True),
     }
+    if workers != 1:  # prep's default, threads in one process, beside the --workers figure
+        contenders["prep_workers_1"] = lambda: prep(None, processes=1)
     if before is not None:
         contenders["prep_before"] = lambda: prep(before)
     tokens = raw_batched(tokenizer, texts)[1]  # (also a warm-up)
@@ -284,6 +287,9 @@ def run(tokenizer_dir: Path, name: str, min_tokens: int, rounds: int, seq_len: i
               "ratio_prep_to_raw": ratios("prep", "raw"),
               "ratio_prep_to_raw_per_process": ratios("prep", "raw_per_process"),
               "ratio_first_run_to_raw": ratios("prep_first_run", "raw"),
+              **({"ratio_workers_1_to_raw": ratios("prep_workers_1", "raw"),
+                  "cpu_ratio_raw_to_workers_1": ratios("prep_workers_1", "raw", "cpu_ns_per_token")}
+                 if "prep_workers_1" in runs else {}),
               "cpu_ratio_raw_to_first_run": ratios("prep_first_run", "raw", "cpu_ns_per_token"),
               "cpu_ratio_raw_to_prep": ratios("prep", "raw", "cpu_ns_per_token"),
               "cpu_ratio_raw_per_process_to_prep": ratios("prep", "raw_per_process", "cpu_ns_per_token"),
@@ -319,17 +325,19 @@ def table(results: list[dict[str, Any]]) -> str:
         return " / ".join(f"{up[k]:.1f} s" for k in ("prep", "prep_first_run", "prep_before") if k in up)
 
     lines = [("| tokenizer | corpus | raw `tokenizer(texts[k:k+1000])` | raw, a process per core | prep `--workers 2` "
-              "| prep / raw | prep / raw per process | first run: prep / raw | before: prep / raw "
+              "| prep / raw | prep / raw per process | first run: prep / raw | `--workers 1`: prep / raw "
+              "| before: prep / raw "
               "| CPU per token: raw / prep (first run) | start-up (2 records): prep / first run / before "
               "| peak RSS parent / worker |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r['tokenizer']} ({r['vocab_size']:,} tokens) "
             f"| {r['records']:,} records, {r['tokens'] / 1e6:.1f} M tokens "
             f"| {rate(r, 'raw')} | {rate(r, 'raw_per_process')} | {rate(r, 'prep')} "
             f"| {ratio(r, 'ratio_prep_to_raw')} | {ratio(r, 'ratio_prep_to_raw_per_process')} "
-            f"| {ratio(r, 'ratio_first_run_to_raw')} | {ratio(r, 'ratio_before_to_raw')} | {cpu(r)} | {startup(r)} "
+            f"| {ratio(r, 'ratio_first_run_to_raw')} | {ratio(r, 'ratio_workers_1_to_raw')} "
+            f"| {ratio(r, 'ratio_before_to_raw')} | {cpu(r)} | {startup(r)} "
             f"| {r['peak_rss_mib']['max']:.0f} / {r['worker_peak_rss_mib']['max']:.0f} MiB |")
     return "\n".join(lines)
 
@@ -366,7 +374,8 @@ def main() -> None:
     out = args.out or RESULTS_DIR / f"real_vocab_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    for key in ("ratio_prep_to_raw", "ratio_prep_to_raw_per_process", "ratio_first_run_to_raw", "ratio_before_to_raw",
+    for key in ("ratio_prep_to_raw", "ratio_prep_to_raw_per_process", "ratio_first_run_to_raw",
+                "ratio_workers_1_to_raw", "cpu_ratio_raw_to_workers_1", "ratio_before_to_raw",
                 "ratio_before_to_raw_per_process", "cpu_ratio_raw_to_prep", "cpu_ratio_raw_per_process_to_prep",
                 "cpu_ratio_raw_to_first_run", "cpu_ratio_raw_to_before"):
         if key in result:
