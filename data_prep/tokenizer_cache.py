@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mftcoder_coba.atomic import atomic_write_bytes
+from mftcoder_coba.atomic import atomic_write_bytes, remove_stale
 from mftcoder_coba.data.layout import TOKENIZER_FILES
 from mftcoder_coba.data_prep import fim
 from mftcoder_coba.data_prep.formats import BadRecord, normalise
@@ -158,6 +158,8 @@ def _write(file: Path, made: PrepTokenizer) -> None:
 
 
 def _prune(folder: Path) -> None:
+    """Keep the :data:`KEEP` most recently used entries; drop what writers killed mid-write left behind."""
+    remove_stale(folder)
     entries = []
     for file in folder.glob("*.pickle"):
         with contextlib.suppress(OSError):

@@ -124,7 +124,12 @@ def test_only_the_most_recently_used_entries_are_kept(tmp_path, cache):
         old = cache / f"{i:064x}.pickle"
         old.write_bytes(b"x")
         os.utime(old, ns=(i * 10**9, i * 10**9))
+    killed = ("import os, sys; from mftcoder_coba.atomic import atomic_file\n"
+              "with atomic_file(sys.argv[1]) as temp:\n    temp.write_bytes(b'half a pickle'); os._exit(9)")
+    subprocess.run([sys.executable, "-c", killed, str(cache / f"{'f' * 64}.pickle")])  # a writer killed mid-write
+    (torn,) = [p for p in cache.iterdir() if p.name.startswith(".")]
     prep_tokenizer(TOKENIZER_DIR, "auto")
+    assert not torn.exists()
     kept = sorted(p.name for p in cache.glob("*.pickle"))
     assert len(kept) == KEEP
     assert f"{cache_key(TOKENIZER_DIR, 'auto')}.pickle" in kept
