@@ -91,7 +91,11 @@ def prep_tokenizer(tokenizer_dir: Path, template: TemplateChoice) -> PrepTokeniz
     """
     if not tokenizer_dir.is_dir():
         raise UserError(f"{tokenizer_dir}: tokenizer directory not found")
-    file = user_cache_dir("prep-tokenizer") / f"{cache_key(tokenizer_dir, template)}.pickle"
+    try:
+        file = user_cache_dir("prep-tokenizer") / f"{cache_key(tokenizer_dir, template)}.pickle"
+    except OSError as exc:  # a file that cannot be read: loading it says what is wrong, in one line
+        log.debug("prep tokenizer cache: no key for %s (%s)", tokenizer_dir, exc)
+        return _make(tokenizer_dir, template)
     cached = _read(file)
     if cached is not None:
         return cached

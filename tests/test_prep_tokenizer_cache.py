@@ -146,3 +146,17 @@ def test_the_key_covers_this_package_source(tmp_path, monkeypatch):
     assert cache_key(TOKENIZER_DIR, "auto") == key
     (package / "render.py").write_text((package / "render.py").read_text() + "\n# changed\n")
     assert cache_key(TOKENIZER_DIR, "auto") != key
+
+
+def test_tokenizer_files_that_cannot_be_hashed_are_loaded_uncached_or_reported_in_one_line(tmp_path, cache,
+                                                                                         monkeypatch):
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tokenizer_cache, "tokenizer_files_sha256", unreadable)  # as for another user's files
+    assert not prep_tokenizer(TOKENIZER_DIR, "auto").cached
+    assert not cache.exists()
+    broken = tokenizer_copy(tmp_path / "tok")
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot load tokenizer"):
+        prep_tokenizer(broken, "auto")
