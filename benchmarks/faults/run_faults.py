@@ -175,16 +175,20 @@ def hidden_leftovers(folder: Path) -> list[str]:
 
 # --- cases -----------------------------------------------------------------------------------------------------
 def kill_prep(h: Harness, kills: int) -> list[Outcome]:
-    """SIGKILL ``prep --workers 2`` at random moments; the output is absent or whole, workers die, inputs stay."""
+    """SIGKILL ``prep --workers 2`` at random moments; the output is absent or whole, workers die, inputs stay.
+
+    Every task is mixed x12 so that the stream lasts seconds (with its tokenizer cached, prep of the plain demo
+    corpus ends within a second of starting, before most kill moments)."""
     out: list[Outcome] = []
     before = digest(list(h.tasks.values()))
+    extra = ["--workers", "2", *(arg for name in h.tasks for arg in ("--mix", f"{name}=12"))]
     start = time.time()
-    h.cli(*h.prep_args(h.work / "prep_timing" / "out", "--workers", "2"))
+    h.cli(*h.prep_args(h.work / "prep_timing" / "out", *extra))
     full = time.time() - start
     for i in range(kills):
         folder = h.fresh(f"prep_kill_{i}")
-        delay = h.rng.uniform(0.5, max(1.0, full * 0.9))
-        proc = h.start(*h.prep_args(folder / "out", "--workers", "2"))
+        delay = h.rng.uniform(0.3, max(0.6, full * 0.9))
+        proc = h.start(*h.prep_args(folder / "out", *extra))
         time.sleep(delay)
         if proc.poll() is not None:
             out.append(Outcome(f"prep killed at {delay:.1f}s (#{i})", "output absent or complete",
@@ -194,7 +198,7 @@ def kill_prep(h: Harness, kills: int) -> list[Outcome]:
         left = alive(children)
         result = folder / "out"
         verify = h.cli("verify", str(result)) if result.exists() else None
-        rerun = h.cli(*h.prep_args(result, "--workers", "2", "--overwrite"))
+        rerun = h.cli(*h.prep_args(result, *extra, "--overwrite"))
         stale = hidden_leftovers(folder)
         whole = verify is None or verify.returncode == 0
         lost = digest(list(h.tasks.values())) != before
