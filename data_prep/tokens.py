@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,29 +55,33 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 class LazyTokenizer:
-    """Stands in for the Hugging Face tokenizer in a ``--workers`` process: loads it only when first used.
+    """Stands in for the Hugging Face tokenizer beside an unpickled renderer (prep's own process and every
+    ``--workers`` process, :mod:`tokenizer_cache`): loads it only when first used.
 
-    Why: a worker needs only the Rust tokenizer (shipped to it pickled) and the renderer's per-shape plans
-    (made in the parent); importing transformers (and torch, which it pulls in) and loading the tokenizer
-    again costs each worker 2-3 s of CPU, a sixth of what a 15 M-token corpus takes to tokenise. Records
-    that do need the real tokenizer (a chat template applied per record, tool calls) load it here on first
-    use, in that worker only. ``name_or_path`` is kept for messages without loading anything.
+    Why: rendering and encoding need only the Rust tokenizer and the renderer's per-shape plans, both
+    unpickled; importing transformers (and torch, which it pulls in) and loading the tokenizer costs 2-3 s
+    of CPU per process, a sixth of what a 15 M-token corpus takes to tokenise. Records that do need the real
+    tokenizer (a conversation shape not planned, a chat template applied per record, tool calls) load it on
+    first use, once per process: a lock makes the threads of ``--workers 1`` wait for one load instead of
+    importing transformers side by side (concurrent first imports of one package can fail half-initialised).
+    ``name_or_path`` is kept for messages without loading anything.
     """
 
     def __init__(self, path: str | Path, name_or_path: str) -> None:
         self.path = str(path)
         self.name_or_path = name_or_path
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:  # only for what is not set above
         if name.startswith("__"):
             raise AttributeError(name)
         tokenizer = self.__dict__.get("_tokenizer")
         if tokenizer is None:
-            tokenizer = self.__dict__["_tokenizer"] = load_tokenizer(self.path)
+            with self._lock:
+                tokenizer = self.__dict__.get("_tokenizer")
+                if tokenizer is None:
+                    tokenizer = self.__dict__["_tokenizer"] = load_tokenizer(self.path)
         return getattr(tokenizer, name)
-
-    def __getstate__(self) -> dict[str, str]:
-        return {"path": self.path, "name_or_path": self.name_or_path}
 
     @property
     def loaded(self) -> bool:

@@ -6,11 +6,13 @@ import json
 import pickle
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from mftcoder_coba.data_prep import pipeline
+from mftcoder_coba.data_prep import pipeline, tokens
 from mftcoder_coba.data_prep.formats import normalise
 from mftcoder_coba.data_prep.render import Renderer
 from mftcoder_coba.data_prep.tokenizer_cache import WARM_ROUNDS, prep_tokenizer, unpickle_state
@@ -107,3 +109,20 @@ def test_shape_not_planned_by_the_parent_loads_the_tokenizer_in_the_worker():
     assert renderer.render(normalise(long, "t")) == Renderer(tokenizer).render(normalise(long, "t"))
     assert renderer.tokenizer.loaded
     assert renderer.tokenizer.name_or_path == tokenizer.name_or_path
+
+
+def test_threads_that_need_the_tokenizer_at_once_load_it_once(monkeypatch):
+    """``--workers 1`` renders in threads; the first records needing the real tokenizer must not each import
+    transformers and load it side by side."""
+    loads = []
+
+    def counted_load(path):
+        loads.append(path)
+        time.sleep(0.2)  # a load takes a while: every thread arrives while the first one loads
+        return load_tokenizer(path)
+
+    monkeypatch.setattr(tokens, "load_tokenizer", counted_load)
+    lazy = tokens.LazyTokenizer(TOKENIZER_DIR, str(TOKENIZER_DIR))
+    with ThreadPoolExecutor(4) as pool:
+        eos = list(pool.map(lambda _: lazy.eos_token, range(4)))
+    assert len(loads) == 1 and eos == [load_tokenizer(TOKENIZER_DIR).eos_token] * 4
