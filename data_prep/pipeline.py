@@ -460,7 +460,7 @@ def _run_batches(batches: Iterator[tuple[list[Any], list[Any]]], work: _Work, wo
     """
     serial: contextlib.AbstractContextManager = contextlib.nullcontext()
     if workers == 1:
-        renderer, encoder = made.objects(work.tokenizer_dir)
+        renderer, encoder = unpickle_state(made.state, work.tokenizer_dir)
         _STATE.update(renderer=renderer, encoder=encoder, work=work)
         threads = encode_threads()
         executor: Executor = ThreadPoolExecutor(threads)

@@ -72,9 +72,6 @@ class PrepTokenizer:
     cached: bool
     """Whether this came from the cache (the Hugging Face tokenizer was not loaded)."""
 
-    def objects(self, tokenizer_dir: str | Path) -> tuple[Renderer, Encoder]:
-        return unpickle_state(self.state, tokenizer_dir)
-
 
 def unpickle_state(state: bytes, tokenizer_dir: str | Path) -> tuple[Renderer, Encoder]:
     """The renderer and encoder of :attr:`PrepTokenizer.state`, the renderer given a :class:`LazyTokenizer` of
@@ -87,10 +84,9 @@ def unpickle_state(state: bytes, tokenizer_dir: str | Path) -> tuple[Renderer, E
 def prep_tokenizer(tokenizer_dir: Path, template: TemplateChoice) -> PrepTokenizer:
     """The tokenizer of ``tokenizer_dir`` as prep needs it: from the cache, else loaded (and then cached).
 
-    Raises :class:`UserError` as loading the tokenizer and making the renderer do (nothing bad is cached).
+    Raises :class:`UserError` as loading the tokenizer and making the renderer do (a folder that fails to load
+    is never cached, so its key always misses and the load reports it).
     """
-    if not tokenizer_dir.is_dir():
-        raise UserError(f"{tokenizer_dir}: tokenizer directory not found")
     try:
         file = user_cache_dir("prep-tokenizer") / f"{cache_key(tokenizer_dir, template)}.pickle"
     except OSError as exc:  # a file that cannot be read: loading it says what is wrong, in one line

@@ -14,7 +14,7 @@ import pytest
 from prep_helpers import tokenizer_copy
 
 from mftcoder_coba.data_prep import tokenizer_cache
-from mftcoder_coba.data_prep.tokenizer_cache import KEEP, cache_key, prep_tokenizer
+from mftcoder_coba.data_prep.tokenizer_cache import KEEP, cache_key, prep_tokenizer, unpickle_state
 from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
 
@@ -88,7 +88,7 @@ def test_the_same_files_elsewhere_share_an_entry_and_errors_name_the_given_folde
     prep_tokenizer(tokenizer_copy(tmp_path / "one"), "auto")
     made = prep_tokenizer(tokenizer_copy(tmp_path / "two"), "auto")
     assert made.cached
-    renderer, _ = made.objects(tmp_path / "two")
+    renderer, _ = unpickle_state(made.state, tmp_path / "two")
     assert renderer.tokenizer.name_or_path == str(tmp_path / "two") and not renderer.tokenizer.loaded
 
 
@@ -160,3 +160,9 @@ def test_tokenizer_files_that_cannot_be_hashed_are_loaded_uncached_or_reported_i
     (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load tokenizer"):
         prep_tokenizer(broken, "auto")
+
+
+def test_a_missing_tokenizer_folder_is_one_line_every_time(tmp_path, cache):
+    for _ in range(2):
+        with pytest.raises(UserError, match="tokenizer directory not found"):
+            prep_tokenizer(tmp_path / "nowhere", "auto")
