@@ -203,7 +203,6 @@ class PrepOptions:
 @dataclass(frozen=True)
 class _Work:
     tokenizer_dir: str
-    template: TemplateChoice
     seq_len: int
     overlong: str
 
@@ -580,7 +579,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 for row in rows:
                     stats[split].add_row(row)
 
-        work = _Work(str(tokenizer_dir), facts.mode, opts.seq_len, opts.overlong)
+        work = _Work(str(tokenizer_dir), opts.seq_len, opts.overlong)
         total = sum(t.mix.exposures for t in tasks)
         fim_counts = {split: [collections.Counter() for _ in tasks] for split in SPLITS}
         from tqdm import tqdm

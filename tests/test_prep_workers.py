@@ -39,7 +39,7 @@ def _records(per_task: int = 8) -> list[bytes]:
 
 
 def _work(seq_len: int = 256) -> pipeline._Work:
-    return pipeline._Work(str(TOKENIZER_DIR), "auto", seq_len, "truncate")
+    return pipeline._Work(str(TOKENIZER_DIR), seq_len, "truncate")
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def state():
 
 def _reference(batch: list[tuple], work: pipeline._Work, state: dict) -> list[tuple]:
     tokenizer = load_tokenizer(TOKENIZER_DIR)
-    state.update(renderer=Renderer(tokenizer, work.template), encoder=Encoder(tokenizer), work=work)
+    state.update(renderer=Renderer(tokenizer), encoder=Encoder(tokenizer), work=work)
     return pipeline._process(batch)
 
 
@@ -62,7 +62,7 @@ def test_worker_needs_no_transformers_and_matches_this_process(tmp_path, state):
     records = _records()
     (tmp_path / "batch.json").write_text(json.dumps([("in", i + 1, 1, r.decode()) for i, r in enumerate(records)]))
     result = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "state.pkl"),
-                             json.dumps([work.tokenizer_dir, work.template, work.seq_len, work.overlong]),
+                             json.dumps([work.tokenizer_dir, work.seq_len, work.overlong]),
                              str(tmp_path / "batch.json")], capture_output=True, text=True, check=True)
     child = json.loads(result.stdout.strip().splitlines()[-1])
     assert not child["transformers"] and not child["torch"]
