@@ -1,27 +1,28 @@
 """One distribution, ``mftcoder-coba``, one import namespace, ``mftcoder_coba``.
 
-The top-level ``kernels/`` and ``data_prep/`` folders are mapped into the namespace with ``package_dir``
-so the repository layout stays flat for readers while imports stay unambiguous (``kernels`` alone is a
-Hugging Face package name that transformers probes for).
+The top-level ``kernels/`` and ``data_prep/`` folders are reached as ``mftcoder_coba.kernels`` and
+``mftcoder_coba.data_prep`` through the symbolic links ``mftcoder_coba/kernels`` and ``mftcoder_coba/data_prep``,
+so the repository layout stays flat for readers while imports stay unambiguous. Links rather than setuptools'
+``package_dir`` mapping: setuptools' editable finder cannot serve a mapped folder without ``__init__.py`` (see
+below), while a link is an ordinary directory to every finder, editable or installed (a wheel holds the files).
+
+Why those folders have no ``__init__.py``: Python puts the current folder first on ``sys.path`` for
+``python -m``, ``python -c``, pytest and notebooks, and users start all of those from the repository root. A
+folder there with an ``__init__.py`` is a *regular* package and wins over any installed distribution of the
+same top-level name: ``kernels/`` shadowed Hugging Face's ``kernels`` package, which transformers >= 5.25
+imports, and every process started in the root died at import. A folder without ``__init__.py`` is only ever a
+namespace *portion*, and the import system returns a regular package found anywhere later on ``sys.path``
+before it settles for a namespace, so no root folder can shadow an installed package, today's or one the
+ecosystem adds tomorrow (``tests/test_no_shadowing.py`` keeps every root folder that way). Inside the
+distribution the two folders are PEP 420 namespace sub-packages of the regular package ``mftcoder_coba``;
+their public functions live in ``mftcoder_coba.kernels.api`` and ``mftcoder_coba.data_prep.pipeline``.
 """
 from setuptools import find_packages, setup
 
-_ROOTS = {"mftcoder_coba": "mftcoder_coba", "mftcoder_coba.kernels": "kernels", "mftcoder_coba.data_prep": "data_prep"}
-
-
-def _packages() -> tuple[list[str], dict[str, str]]:
-    packages: list[str] = []
-    package_dir: dict[str, str] = {}
-    for name, folder in _ROOTS.items():
-        packages.append(name)
-        package_dir[name] = folder
-        for sub in find_packages(folder):
-            packages.append(f"{name}.{sub}")
-            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
-    return packages, package_dir
-
-
-_PACKAGES, _PACKAGE_DIR = _packages()
+# The two namespace sub-packages (folders without ``__init__.py``, reached through the links) are listed by hand:
+# find_packages only finds regular packages.
+_PACKAGES = [*find_packages(include=["mftcoder_coba", "mftcoder_coba.*"]), "mftcoder_coba.kernels",
+             "mftcoder_coba.data_prep"]
 
 setup(
     name="mftcoder-coba",
@@ -31,7 +32,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=_PACKAGES,
-    package_dir=_PACKAGE_DIR,
     include_package_data=True,
     package_data={"mftcoder_coba": ["demo_data/*", "demo_data/**/*"],
                   "mftcoder_coba.demo_data": ["*.jsonl", "tokenizer/*.json"]},

@@ -174,7 +174,7 @@ def make_shards(out: Path, work: Workload, seed: int = 0) -> Path:
     A word-level tokenizer maps ``w<i>`` to id i, so random words are random token ids over the model's
     whole vocabulary; every sample is one plain-text record (loss on all its tokens) of a random length.
     """
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 
     vocab_size = int(work.model_config["vocab_size"])
     tokenizer_dir = out.parent / "tokenizer"

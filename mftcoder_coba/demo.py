@@ -127,7 +127,7 @@ def _claim(out: Path) -> None:
 
 
 def _prepare(tasks: dict[str, Path], out: Path) -> Path:
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo_data import TOKENIZER_DIR
 
     prepare(PrepOptions(tasks=tasks, tokenizer=TOKENIZER_DIR, seq_len=SEQ_LEN, out=out,

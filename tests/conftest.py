@@ -33,7 +33,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Imports are local so that ``TRITON_INTERPRET`` above is set before anything can import the kernels."""
     from train_helpers import SEQ_LEN
 
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
     out = tmp_path_factory.mktemp("prepared") / "demo"

@@ -26,7 +26,7 @@ UNSEEN = {"carol": ["code_completion"]}                     # prepared, kept out
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Each contributor's own prepared data (train/ and valid/), one shared tokenizer."""
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
     root = tmp_path_factory.mktemp("contributors")

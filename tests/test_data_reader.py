@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.data_prep import PrepOptions, prepare
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
 

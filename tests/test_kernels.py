@@ -20,12 +20,9 @@ import pytest
 import torch
 
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.kernels import (
-    linear_task_cross_entropy,
-    reference_task_cross_entropy,
-    task_ce_torch,
-    task_cross_entropy,
-)
+from mftcoder_coba.kernels import task_ce_torch
+from mftcoder_coba.kernels.api import linear_task_cross_entropy, task_cross_entropy
+from mftcoder_coba.kernels.task_ce_torch import reference_task_cross_entropy
 
 # Triton on CPU tensors needs its interpreter (conftest sets it on machines without CUDA)
 IMPLS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
@@ -252,7 +249,7 @@ def test_top_level_kernels_name_is_inert(tmp_path):
     root = Path(__file__).resolve().parents[1]
     code = (
         f"import sys, torch; sys.path.insert(0, {str(root)!r})\n"
-        "from mftcoder_coba.kernels import linear_task_cross_entropy\n"
+        "from mftcoder_coba.kernels.api import linear_task_cross_entropy\n"
         "import transformers.utils.import_utils as u\n"
         "assert not u.is_kernels_available()\n"
         "import kernels; assert not hasattr(kernels, 'task_cross_entropy')\n"

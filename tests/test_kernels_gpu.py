@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mftcoder_coba.errors import UserError
-from mftcoder_coba.kernels import linear_task_cross_entropy, reference_task_cross_entropy, task_cross_entropy
+from mftcoder_coba.kernels.api import linear_task_cross_entropy, task_cross_entropy
+from mftcoder_coba.kernels.task_ce_torch import reference_task_cross_entropy
 
 pytestmark = pytest.mark.gpu
 ROUNDING = {torch.float32: (1e-5, 1e-9), torch.float16: (2.0**-11 + 1e-5, 2.0**-24),

@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 
-from mftcoder_coba.kernels import linear_task_cross_entropy, reference_task_cross_entropy
+from mftcoder_coba.kernels.api import linear_task_cross_entropy
+from mftcoder_coba.kernels.task_ce_torch import reference_task_cross_entropy
 
 N, H, V, T = 37, 24, 301, 4
 IMPLS = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]

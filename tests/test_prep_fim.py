@@ -10,8 +10,8 @@ import pytest
 from prep_helpers import packed_samples, tokenizer_copy
 
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.fim import FAMILIES, FimRate, directive, find_tokens, parse_rate
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.data_prep.report import decode_row, mix_and_fim_lines
 from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.demo_data import TOKENIZER_DIR

@@ -12,7 +12,6 @@ import pytest
 from prep_helpers import tokenizer_copy, write_table
 
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.formats import (
     BadRecord,
     Chat,
@@ -24,6 +23,7 @@ from mftcoder_coba.data_prep.formats import (
     normalise,
     parse_hub,
 )
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.data_prep.render import Renderer
 from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer
 from mftcoder_coba.demo_data import TOKENIZER_DIR

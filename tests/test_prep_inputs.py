@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prep_helpers import write_table
 
-from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.formats import READERS, BadRecord, Source, count_records, decode, iter_raw
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.demo_data import TOKENIZER_DIR
 from mftcoder_coba.errors import UserError
 

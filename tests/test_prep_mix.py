@@ -13,7 +13,7 @@ from prep_helpers import packed_samples
 
 from mftcoder_coba.commands.prep import parse_mix
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.data_prep import PrepOptions, prepare
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.data_prep.report import mix_and_fim_lines
 from mftcoder_coba.data_prep.tokens import load_tokenizer
 from mftcoder_coba.data_prep.truncate import left_cut

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mftcoder_coba.data import PackedDataset
-from mftcoder_coba.data_prep import PrepOptions, prepare
 from mftcoder_coba.data_prep.formats import normalise
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 from mftcoder_coba.data_prep.render import Renderer
 from mftcoder_coba.data_prep.tokens import Encoder, load_tokenizer
 from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
@@ -221,7 +221,7 @@ def test_killed_run_leaves_no_output_that_looks_complete(tmp_path):
     lines = DEMO_TASKS["code_completion"].read_text().splitlines()
     big.write_text("\n".join(lines * 15) + "\n")
     out = tmp_path / "out"
-    code = ("from mftcoder_coba.data_prep import PrepOptions, prepare; "
+    code = ("from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare; "
             f"prepare(PrepOptions(tasks={{'t': {str(big)!r}}}, tokenizer={str(TOKENIZER_DIR)!r}, seq_len=128, "
             f"out={str(out)!r}, rows_per_shard=4, batch_records=64, progress=False))")
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)

@@ -15,8 +15,7 @@ import psutil
 import pytest
 
 from mftcoder_coba.atomic import OUTPUT_MARKER, output_kind
-from mftcoder_coba.data_prep import PrepOptions, prepare
-from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT, OUTPUT_KIND
+from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT, OUTPUT_KIND, PrepOptions, prepare
 from mftcoder_coba.data_prep.report import print_tables
 from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 from mftcoder_coba.errors import UserError

@@ -23,7 +23,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 _CHILD = """
 import json, sys
-from mftcoder_coba.data_prep import PrepOptions, prepare
+from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
 tasks, tokenizer, out, workers = json.loads(sys.argv[1])
 prepare(PrepOptions(tasks=tasks, tokenizer=tokenizer, seq_len=128, out=out, workers=workers, progress=False))
 print(json.dumps({"transformers": "transformers" in sys.modules, "torch": "torch" in sys.modules}))

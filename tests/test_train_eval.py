@@ -73,7 +73,7 @@ def test_eval_split_every_n_steps_and_at_the_end_equals_a_float64_reference(prep
 @pytest.fixture(scope="module")
 def subset(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two of the four demo tasks, in another order than training's (so their task ids differ)."""
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
     out = tmp_path_factory.mktemp("subset") / "prep"

@@ -337,7 +337,7 @@ def test_repeated_runs_in_one_process_release_the_lock(data: Path, tmp_path: Pat
 # --- 6. balancers that measure held-out loss need every task held out ------------------------------------------
 
 def test_validation_balancer_refuses_a_task_without_held_out_rows(tmp_path: Path) -> None:
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
     tasks = {}

@@ -92,8 +92,7 @@ def split_corpus(work: Path, test_samples: int, train_records: dict[str, int] | 
 def _repeat_training_part(task: str, held_out: list[str], training: list[str]) -> list[str]:
     """The task's records ordered so that prep's seeded held-out choice picks exactly ``held_out``: no copy of
     a repeated training record can land in the held-out split."""
-    from mftcoder_coba.data_prep import PrepOptions
-    from mftcoder_coba.data_prep.pipeline import _held_out
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, _held_out
 
     total = len(held_out) + len(training)
     mask = _held_out(task, total, PrepOptions(tasks={}, tokenizer="", seq_len=2, out="",
@@ -104,7 +103,7 @@ def _repeat_training_part(task: str, held_out: list[str], training: list[str]) -
 
 def prepare_corpus(work: Path, args: argparse.Namespace, train_records: dict[str, int] | None) -> tuple[Path, Path]:
     """``(data_dir with train/ + valid/, test shards dir)`` for one corpus."""
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo import SEQ_LEN, VALID_SAMPLES_PER_TASK
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mftcoder_coba.kernels import linear_task_cross_entropy, task_cross_entropy
+from mftcoder_coba.kernels.api import linear_task_cross_entropy, task_cross_entropy
 from mftcoder_coba.kernels.task_ce_triton import RowsLaunch, task_ce_rows, task_reduce
 
 T = 8

@@ -87,7 +87,7 @@ log = logging.getLogger("seed_systems")
 def prepare_data(work: Path) -> dict[str, Path]:
     """The demo corpus at ``SEQ_LEN``: all tasks together, the pool together, and every task alone (the
     held-out records are chosen per task by name and seed, so they are the same rows in every folder)."""
-    from mftcoder_coba.data_prep import PrepOptions, prepare
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
     from mftcoder_coba.demo_data import DEMO_TASKS, TOKENIZER_DIR
 
     folders = {"all": TASKS, "pool": POOL, **{t: [t] for t in TASKS}}

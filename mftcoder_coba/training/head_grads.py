@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from mftcoder_coba.data import IGNORE_INDEX
-from mftcoder_coba.kernels import linear_task_cross_entropy
+from mftcoder_coba.kernels.api import linear_task_cross_entropy
 from mftcoder_coba.models import lm_head
 
 

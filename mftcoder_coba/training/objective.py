@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mftcoder_coba.data import IGNORE_INDEX
-from mftcoder_coba.kernels import linear_task_cross_entropy, task_cross_entropy
+from mftcoder_coba.kernels.api import linear_task_cross_entropy, task_cross_entropy
 from mftcoder_coba.models import causal_lm, hidden_states, lm_head
 
 
