@@ -95,9 +95,25 @@ def compile_layers(model: nn.Module, checkpointed: bool = False) -> int:
             "transformers GradientCheckpointingLayer; transformers >= 4.52 models are), so compile and "
             "gradient_checkpointing cannot be combined for this model; turn one of them off"
         )
+    if checkpointed:
+        _allow_idempotent_side_effects_under_checkpoint()
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def _allow_idempotent_side_effects_under_checkpoint() -> None:
+    """Let dynamo trace a checkpointed layer whose forward sets a context variable.
+
+    Hugging Face ``kernels`` (a transformers >= 5.25 dependency) wraps attention forwards in a decorator that sets a
+    context variable (its table of hub-kernel routes) on every call. Inside ``torch.utils.checkpoint`` dynamo
+    refuses that side effect and breaks the graph, so a checkpointed layer silently ran eagerly: no fusion and
+    selective checkpointing saving nothing less. The route table is set to the same value on every call, so not
+    replaying it in the recomputation is exact; dynamo's flag says just that (absent in old torch, which had no
+    such HOP check)."""
+    config = torch._dynamo.config
+    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def _checkpoints_inside(layer: nn.Module) -> bool:
