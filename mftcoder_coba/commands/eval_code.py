@@ -19,12 +19,12 @@ from mftcoder_coba.evaluation.cli_options import add_model_arguments
 from mftcoder_coba.evaluation.code_eval import canonical_completions
 from mftcoder_coba.evaluation.code_run import (
     RUN_RESULTS,
-    ModelOptions,
     evaluate_checkpoints,
     evaluate_target,
     report,
     score,
 )
+from mftcoder_coba.evaluation.model_options import ModelOptions
 from mftcoder_coba.evaluation.problems import HUMANEVAL, load_benchmark
 from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling
 from mftcoder_coba.evaluation.sandbox import Limits

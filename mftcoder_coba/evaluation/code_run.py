@@ -9,13 +9,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mftcoder_coba.atomic import atomic_write_text, is_run_dir
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.code_eval import execute, format_summary, records, summarize
+from mftcoder_coba.evaluation.model_options import ModelOptions
 from mftcoder_coba.evaluation.problems import Problem
 from mftcoder_coba.evaluation.prompts import Sampling
 from mftcoder_coba.evaluation.sandbox import Limits
@@ -30,25 +30,6 @@ RUN_RESULTS = "eval_code.jsonl"
 """Per-run file of ``--all-checkpoints``: one JSON line per (checkpoint step, benchmark) with its pass@k."""
 RUN_SAMPLES = "eval_code"
 """Folder of a run holding ``--all-checkpoints``' per-sample files."""
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """How the model is loaded and run: one bundle, as the command passes its options through unchanged."""
-
-    dtype: str
-    """Weights' dtype name for :func:`~mftcoder_coba.evaluation.targets.load_model`."""
-    device: str | None
-    """Device to generate on (None: the best available)."""
-    task: str | None
-    """Task whose adapter / CGC gate generates (per-task models only)."""
-    workers: int
-    """Sandboxed processes running completions at once."""
-    trust_remote_code: bool
-    """Let transformers (or vLLM) run the model's own code."""
-    engine: str = "auto"
-    """``--engine``: ``transformers``, ``vllm`` or ``auto`` (see
-    :func:`~mftcoder_coba.evaluation.vllm_engine.choose_engine`)."""
 
 
 def evaluate_target(target: Target, problems: list[Problem], n: int, ks: list[int], sampling: Sampling,

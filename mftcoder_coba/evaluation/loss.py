@@ -18,6 +18,7 @@ from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.targets import Target, is_cgc, run_tasks, use_task
 from mftcoder_coba.models import causal_lm
+from mftcoder_coba.training.validation import evaluate_per_task
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,6 @@ def evaluate_split(model: torch.nn.Module, dataset: PackedDataset, rows: np.ndar
 
     Every rank of a distributed job must call it with the same ``rows``; the result is the same on each.
     """
-    # imported here: mftcoder_coba.training imports this module (the trainer's eval split), so a module-level
-    # import would be circular
-    from mftcoder_coba.training.validation import evaluate_per_task
-
     rows = np.arange(len(dataset), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")

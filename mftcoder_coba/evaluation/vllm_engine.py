@@ -23,11 +23,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mftcoder_coba.errors import UserError
+from mftcoder_coba.evaluation.model_options import ModelOptions
 from mftcoder_coba.evaluation.problems import STOP_SEQUENCES
 from mftcoder_coba.evaluation.prompts import Sampling
 
 if TYPE_CHECKING:
-    from mftcoder_coba.evaluation.code_run import ModelOptions
     from mftcoder_coba.evaluation.generation import Engine
     from mftcoder_coba.evaluation.targets import Target
 
