@@ -168,23 +168,91 @@ def _pass_at_k_figure(path: Path):
     return fig
 
 
+FEW_TASKS = 10
+"""Up to this many tasks the legend sits inside the axes; more get it beside them, and the extreme lines named."""
+LEGEND_ROWS = 22
+"""Legend entries per column beside the axes (a 4.5-inch figure holds about this many in small type)."""
+NAMED_EXTREMES = 3
+"""With many tasks, the highest and lowest this many lines are named at their last point."""
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def task_styles(n: int) -> list[dict[str, Any]]:
+    """A distinct (colour, line style) per task: tab10 / tab20 colours while they last; past 20 tasks colours
+    sampled evenly from a perceptually ordered map, with the line style cycling so neighbours stay apart."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [{"color": colormaps["tab10"](i), "linestyle": "-"} for i in range(n)]
+    if n <= 20:
+        return [{"color": colormaps["tab20"](i), "linestyle": "-"} for i in range(n)]
+    cmap = colormaps["turbo"]
+    return [{"color": cmap(0.05 + 0.9 * i / (n - 1)), "linestyle": _LINESTYLES[i % len(_LINESTYLES)]}
+            for i in range(n)]
+
+
+def _last_finite(values: list[float]) -> tuple[int, float] | None:
+    for i in range(len(values) - 1, -1, -1):
+        if math.isfinite(values[i]):
+            return i, values[i]
+    return None
+
+
+def _name_extremes(ax, x: list[float], series: dict[str, list[float]], styles: list[dict[str, Any]]) -> None:
+    """Name the lines that end highest and lowest beside their last point, each group stacked so the names
+    never overlap (a thin leader line joins a moved name to its point)."""
+    ends = {task: end for task, values in series.items() if (end := _last_finite(values)) is not None}
+    ranked = sorted(ends, key=lambda task: ends[task][1])
+    colour = {task: style["color"] for task, style in zip(series, styles)}
+    ax.margins(x=0.14)  # room on the right for the names
+    ax.autoscale_view()
+    to_points = ax.figure.dpi / 72.0
+    gap = 9.0  # points between stacked names (x-small type)
+    low, high = ranked[:NAMED_EXTREMES], ranked[::-1][:NAMED_EXTREMES]
+    for group, direction in ((high, -1.0), (low, 1.0)):
+        previous = None
+        for task in group:
+            i, value = ends[task]
+            own = y = ax.transData.transform((x[i], value))[1] / to_points
+            if previous is not None and (y - previous) * direction < gap:
+                y = previous + direction * gap
+            ax.annotate(task, (x[i], value), xytext=(6, y - own), textcoords="offset points", fontsize="x-small",
+                        color=colour[task], va="center", arrowprops={"arrowstyle": "-", "color": colour[task],
+                                                                      "linewidth": 0.5, "shrinkA": 0, "shrinkB": 0})
+            previous = y
+
+
 def _per_task_figure(x: list[float], series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
                      total: tuple[list[float], list[float], str] | None = None):
+    """One line per task; with more than ``FEW_TASKS`` tasks the legend moves beside the axes (in as many
+    columns as it needs, the figure widening to hold them) and the extreme lines are named on the plot."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    many = len(series) > FEW_TASKS
+    entries = len(series) + (total is not None)
+    columns = math.ceil(entries / LEGEND_ROWS) if many else 1
+    fig = Figure(figsize=(7.5 + (1.9 * columns if many else 0), 4.5), dpi=110)
     ax = fig.add_subplot()
-    for task, values in series.items():
-        ax.plot(x, values, marker="o" if len(x) <= 30 else None, markersize=3, label=task)
+    styles = task_styles(len(series))
+    for (task, values), style in zip(series.items(), styles):
+        ax.plot(x, values, marker="o" if len(x) <= 30 and not many else None, markersize=3, label=task,
+                linewidth=1.0 if many else 1.5, **style)
     if total is not None:
         ax.plot(total[0], total[1], color="black", linestyle="--", linewidth=1.2, label=total[2])
+    if many:
+        _name_extremes(ax, x, series, styles)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if series or total is not None:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+    if many:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  ncols=columns, frameon=False)
+        fig.tight_layout()  # counts the legend beside the axes, so the axes shrink to leave it room
+    else:
+        if series or total is not None:
+            ax.legend(fontsize="small")
+        fig.tight_layout()
     return fig
 
 

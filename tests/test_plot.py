@@ -95,3 +95,32 @@ def test_missing_metrics_is_one_error_line(tmp_path: Path, capsys: pytest.Captur
     assert cli(["plot", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mftcoder-coba: error:") and "metrics.jsonl: not found" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("n_tasks", [4, 16, 32])
+def test_many_tasks_stay_readable(n_tasks: int) -> None:
+    """MFTCoder users train 10-30 tasks: every line keeps its own colour and style, and the legend never covers
+    the curves or runs off the picture."""
+    from mftcoder_coba.plots import _per_task_figure, task_styles
+
+    styles = task_styles(n_tasks)
+    assert len({(s["color"], s["linestyle"]) for s in styles}) == n_tasks
+    steps = [float(s) for s in range(50)]
+    series = {f"task_{k:02d}": [7.0 - 0.1 * k - 0.05 * s for s in steps] for k in range(n_tasks)}
+    fig = _per_task_figure(steps, series, "held-out loss per task", "optimizer step", "loss",
+                           total=(steps, [5.0] * len(steps), "mean"))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert len(legend.get_texts()) == n_tasks + 1
+    box, axes_box, figure_box = legend.get_window_extent(renderer), ax.get_window_extent(renderer), fig.bbox
+    assert figure_box.x0 - 1 <= box.x0 and box.x1 <= figure_box.x1 + 1
+    assert figure_box.y0 - 1 <= box.y0 and box.y1 <= figure_box.y1 + 1
+    if n_tasks > 10:
+        assert not box.overlaps(axes_box)
+        named = [t.get_text() for t in ax.texts]
+        assert set(named) == {"task_00", "task_01", "task_02"} | {f"task_{k:02d}" for k in range(n_tasks - 3, n_tasks)}
