@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import read_metrics, run_config, single_thread
+from train_helpers import assert_close_or_none, read_metrics, run_config, single_thread
 
 from mftcoder_coba.balancers.coba import ols_fit
 from mftcoder_coba.data import PackedDataset
@@ -73,19 +73,6 @@ def test_fixed_run_measures_the_same_rows_and_logs_weight_change_and_slope_error
     assert (run_dir / "plots" / "slope_se.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _assert_close_or_none(want, got, where: tuple) -> None:
-    """Numbers (or dicts of them per task) equal to float tolerance, None (not measured yet) exactly where the
-    other is None: pytest >= 9.2's approx refuses None with a relative tolerance."""
-    if isinstance(want, dict) and isinstance(got, dict):
-        assert want.keys() == got.keys(), where
-        for task in want:
-            _assert_close_or_none(want[task], got[task], (*where, task))
-    elif want is None or got is None:
-        assert want is got, where
-    else:
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
-
-
 @pytest.mark.slow
 def test_resumed_fixed_run_measures_the_checkpoint_rows(prepared: Path, tmp_path: Path) -> None:
     with single_thread():
@@ -100,7 +87,7 @@ def test_resumed_fixed_run_measures_the_checkpoint_rows(prepared: Path, tmp_path
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         for key in ("valid_loss", "weights", "slope", "slope_se", "weight_change"):
-            _assert_close_or_none(x.get(key), y.get(key), (x["step"], key))
+            assert_close_or_none(x.get(key), y.get(key), (x["step"], key))
     from mftcoder_coba.errors import ConfigError
 
     with pytest.raises(ConfigError, match="balancer.held_out"):

@@ -148,3 +148,16 @@ def single_thread() -> Iterator[None]:
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = omp
+
+
+def assert_close_or_none(want: Any, got: Any, where: tuple) -> None:
+    """Numbers (or dicts of them per task) equal to float tolerance, None (not measured yet) exactly where the
+    other is None: pytest >= 9.2's approx refuses None with a relative tolerance."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        assert want.keys() == got.keys(), where
+        for task in want:
+            assert_close_or_none(want[task], got[task], (*where, task))
+    elif want is None or got is None:
+        assert want is got, where
+    else:
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
