@@ -169,6 +169,10 @@ class TrainConfig:
     """Seed of the data order and of python/numpy/torch RNGs."""
     save_every: int = bounded(0, ge=0)
     """Write a checkpoint every this many steps (0 = only at the end, if ``save_final``)."""
+    save_every_minutes: float = bounded(0.0, ge=0)
+    """Also write a checkpoint when this many minutes of wall-clock time have passed since the last one (or the
+    start), decided at a step boundary by all ranks together (0 = off). Bounds the work a crash can lose when
+    step times vary or are unknown in advance."""
     save_final: bool = True
     """Write a checkpoint after the last step (off only for throughput benchmarks, where a 1B model's
     optimizer state would cost minutes of disk writes and nothing is kept)."""

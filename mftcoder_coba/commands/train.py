@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mftcoder_coba.config import load_run_config
 
@@ -22,8 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
     from mftcoder_coba.training import train  # after the config is known good: the heavy imports start here
+    from mftcoder_coba.training.preemption import RunStopped
 
-    run_dir = train(cfg, resume=args.resume)
+    try:
+        run_dir = train(cfg, resume=args.resume)
+    except RunStopped as stop:  # a signal stopped it after publishing a checkpoint: not a crash (preemption.py)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mftcoder-coba: {stop}", file=sys.stderr)
+        return stop.exit_status
     if os.environ.get("RANK", "0") == "0":
         print(run_dir)
     return 0

@@ -41,7 +41,16 @@ from mftcoder_coba.atomic import atomic_write_text, mark_output
 from mftcoder_coba.balancers.feeding import StepObservations, feed_reference, feed_step, is_update
 from mftcoder_coba.config import RunConfig
 from mftcoder_coba.models import build_model, save_base_model
-from mftcoder_coba.training import checkpoint, distributed, divergence, ds_config, preflight, run_lock, threads
+from mftcoder_coba.training import (
+    checkpoint,
+    distributed,
+    divergence,
+    ds_config,
+    preemption,
+    preflight,
+    run_lock,
+    threads,
+)
 from mftcoder_coba.training.best import MetricWatch, metric_value, write_best
 from mftcoder_coba.training.checkpoint import Components
 from mftcoder_coba.training.divergence import TrainingDiverged
@@ -89,16 +98,20 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     may be called repeatedly in one process. Another run holding ``run_dir`` is refused (:mod:`run_lock`).
     """
     launched = distributed.world_from_env()
-    plan = preflight.run(cfg, launched.size, resume, on_cuda=launched.device.type == "cuda")
-    intra_op_threads = torch.get_num_threads()
+    if resume is None and preemption.restart_count() > 0:  # torchrun restarted the workers after a failure
+        log.info("restart %d of the worker group: resuming from the newest verified checkpoint (--resume auto)",
+                 preemption.restart_count())
+        resume = "auto"
     with contextlib.ExitStack() as held:
+        signals = held.enter_context(preemption.StopSignals())  # a stop request from here on is not lost
+        plan = preflight.run(cfg, launched.size, resume, on_cuda=launched.device.type == "cuda")
+        held.callback(torch.set_num_threads, torch.get_num_threads())
         if launched.is_main:
             held.callback(run_lock.acquire(cfg.run_dir).release)
-        held.callback(torch.set_num_threads, intra_op_threads)
-        return _train_locked(cfg, plan)
+        return _train_locked(cfg, plan, signals)
 
 
-def _train_locked(cfg: RunConfig, plan: preflight.Plan) -> Path:
+def _train_locked(cfg: RunConfig, plan: preflight.Plan, signals: preemption.StopSignals) -> Path:
     world = distributed.init()
     resolved = plan.resolved
     if resolved.cpu_threads is not None:
@@ -115,7 +128,7 @@ def _train_locked(cfg: RunConfig, plan: preflight.Plan) -> Path:
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
             and not (cfg.run_dir / "base_model" / "config.json").is_file():
         save_base_model(model, cfg.run_dir / "base_model")
-    trainer = _Trainer(cfg, plan, world, model)
+    trainer = _Trainer(cfg, plan, world, model, signals)
     try:
         trainer.run()
     finally:
@@ -127,8 +140,9 @@ class _Trainer:
     """The state of one run between steps (engine, balancer, data position, metrics)."""
 
     def __init__(self, cfg: RunConfig, plan: preflight.Plan, world: distributed.World,
-                 model: torch.nn.Module) -> None:
+                 model: torch.nn.Module, signals: preemption.StopSignals) -> None:
         self.cfg, self.plan, self.world = cfg, plan, world
+        self.boundary = preemption.StepBoundary(signals, cfg.train.save_every_minutes)
         self.balancer = plan.balancer
         self.tasks = plan.train.tasks
         self.num_tasks = len(self.tasks)
@@ -348,7 +362,7 @@ class _Trainer:
         return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def _save(self) -> None:
+    def _save(self) -> Path:
         bad = distributed.all_reduce_sum(np.array([divergence.nonfinite_weights(self.engine)]), self.world)[0]
         if bad:  # every rank sums the same count: all refuse together, before any of them writes
             raise TrainingDiverged(f"training diverged by step {self.step}: {int(bad)} trainable weight tensor(s) hold "
@@ -361,6 +375,8 @@ class _Trainer:
         path = checkpoint.save(self.engine, self.cfg.run_dir, self.step, self._components(), self._counters(),
                                self.world, self.cfg.train.keep_last, consolidated, best=self.keep_best)
         log.info("checkpoint %s", path)
+        self.boundary.saved()
+        return path
 
     def run(self) -> None:
         t = self.cfg.train
@@ -376,8 +392,12 @@ class _Trainer:
                 self._train_step()
                 bar.update(1)
                 last = self.step == t.max_steps or self.stop_reason is not None
-                if (t.save_every and self.step % t.save_every == 0) or (t.save_final and last) or self.new_best:
-                    self._save()
+                stop, save_due = self.boundary.agree(self.world)  # a signal to any rank stops all after this step
+                if (t.save_every and self.step % t.save_every == 0) or (t.save_final and last) or self.new_best \
+                        or save_due or stop:
+                    path = self._save()
+                if stop and not last:
+                    raise self.boundary.stopped(self.step, path)
         if self.stop_reason is not None and self.world.is_main:
             log.info("early stopping at step %d: %s", self.step, self.stop_reason)
         if self.keep_best is not None and self.keep_best.best_step is not None and self.world.is_main:
