@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,38 @@ def init() -> World:
     if not dist.is_initialized():
         if world.device.type == "cpu":
             _skip_shm_comm_build()
+        store = _attempt_store(world)
+        if store is not None:  # DeepSpeed's comm layer adopts an existing default group
+            dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo", store=store, rank=world.rank,
+                                    world_size=world.size)
         deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
     return world
+
+
+def under_torchelastic() -> bool:
+    """Whether a torchrun agent supervises this process (it restarts the workers on any non-zero exit)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 on the first start, or without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _attempt_store(world: World) -> dist.Store | None:
+    """Under torchrun: the agent's store seen through a prefix of this restart attempt, else None (env://).
+
+    Why: torchrun's workers share the agent's TCPStore (``TORCHELASTIC_USE_AGENT_STORE``), which outlives a
+    restart of the worker group, and torch keys each process group's addresses by the group's name only. The
+    restarted workers then read the dead workers' addresses for their second group (DeepSpeed's data-parallel
+    clone of the world) and fail with 'Gloo connectFullMesh failed ... Connection refused' on every restart.
+    One prefix per attempt keeps each generation's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"mftcoder-attempt-{restart_count()}", store)
 
 
 def _skip_shm_comm_build() -> None:

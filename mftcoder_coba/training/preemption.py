@@ -51,19 +51,9 @@ class RunStopped(Exception):
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        self.exit_status = 0 if under_torchelastic() else EXIT_STOPPED
+        self.exit_status = 0 if distributed.under_torchelastic() else EXIT_STOPPED
         super().__init__(f"stopped by {signal_name} after step {step}: checkpoint {checkpoint} published; "
                          "continue with --resume auto")
-
-
-def under_torchelastic() -> bool:
-    """Whether a torchrun agent supervises this process (it restarts the workers on any non-zero exit)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
-def restart_count() -> int:
-    """How many times torchrun has restarted this worker group (0 on the first start, or without torchrun)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 class StopSignals:

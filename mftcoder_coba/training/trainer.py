@@ -98,9 +98,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path:
     may be called repeatedly in one process. Another run holding ``run_dir`` is refused (:mod:`run_lock`).
     """
     launched = distributed.world_from_env()
-    if resume is None and preemption.restart_count() > 0:  # torchrun restarted the workers after a failure
+    if resume is None and distributed.restart_count() > 0:  # torchrun restarted the workers after a failure
         log.info("restart %d of the worker group: resuming from the newest verified checkpoint (--resume auto)",
-                 preemption.restart_count())
+                 distributed.restart_count())
         resume = "auto"
     with contextlib.ExitStack() as held:
         signals = held.enter_context(preemption.StopSignals())  # a stop request from here on is not lost
