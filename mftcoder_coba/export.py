@@ -7,8 +7,12 @@ see :func:`mftcoder_coba.models.cgc_export.export_task_adapters`). The output is
 name beside DIR and renamed when complete; an existing DIR is replaced only with ``--overwrite``, only when
 it is an export (marked as one, or an export made before markers), never the run or anything inside it,
 and only after the new export is whole. The checkpoint is checked against its ``files.json`` first.
-``--trust-remote-code`` is the only way to run a model's own code: the run's config.yaml is a file being
-read, so its ``trust_remote_code`` is ignored here. ``--best`` exports the checkpoint ``train.keep_best`` kept
+The model stops where training taught it to: ``config.json`` and ``generation_config.json`` list every end
+token (the tokenizer's EOS, the chat template's end-of-turn token, the base's own special end ids; see
+:mod:`mftcoder_coba.end_tokens`), and the tokenizer carries the chat template the shards were rendered with
+(MFTCoder's role markers as a template for a ``--template mftcoder`` run). ``--trust-remote-code`` is the
+only way to run a model's own code: the run's config.yaml is a file being read, so its ``trust_remote_code``
+is ignored here. ``--best`` exports the checkpoint ``train.keep_best`` kept
 (named by ``RUN_DIR/checkpoints/best.json``).
 """
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 from torch import nn
 
+from mftcoder_coba import config_io
 from mftcoder_coba.atomic import atomic_directory, check_replaceable, mark_output
+from mftcoder_coba.end_tokens import mftcoder_template, trained_end_ids
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.cgc_export import export_task_adapters
@@ -41,31 +47,71 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     check_replaceable(out, overwrite=overwrite, kind="export", inputs=[run_dir], owned=_unmarked_export)
     model_dir = model_dir_of(run_dir, checkpoint)
     model = load_trained(run_dir, model_dir, trust_remote_code=trust_remote_code)
+    mode = _template_mode(run_dir)
+    tokenizer = _trained_tokenizer(tokenizer_dir, mode)
+    _set_special_ids(causal_lm(model), tokenizer, mode)
     if cgc_layers(causal_lm(model)):
-        export_task_adapters(model, out, _task_names(model_dir), tokenizer_dir, merged=merged_tasks,
+        export_task_adapters(model, out, _task_names(model_dir), tokenizer, merged=merged_tasks,
                              overwrite=overwrite)
     else:
         with atomic_directory(out, overwrite=overwrite) as staging:
-            _write_plain(model, tokenizer_dir, staging)
+            _write_plain(model, tokenizer, staging)
             mark_output(staging, "export")
     log.info("exported %s to %s", model_dir, out)
     return out
 
 
-def _write_plain(model: nn.Module, tokenizer_dir: Path, out: Path) -> None:
-    """One transformers directory: LoRA merged, ready for inference (KV cache on, the tokenizer's special ids)."""
+def _template_mode(run_dir: Path) -> str | None:
+    """How the run's shards were rendered (``chat`` or ``mftcoder``, their manifest's ``template``); None when
+    the shards named in ``config.yaml`` are no longer there to ask."""
+    data = config_io.load_mapping(run_dir / "config.yaml").get("data")
+    train = data.get("train") if isinstance(data, dict) else None
+    manifest = Path(str(train)) / "manifest.json" if train else None
+    try:
+        mode = json.loads(manifest.read_text(encoding="utf-8")).get("template") if manifest else None
+    except (OSError, ValueError, AttributeError):
+        mode = None
+    if mode not in ("chat", "mftcoder"):
+        log.warning("%s: the shards' template mode is unknown (their manifest is gone); assuming the chat "
+                    "template of the run's tokenizer if it has one, else MFTCoder's role markers", run_dir)
+        return None
+    return mode
+
+
+def _trained_tokenizer(tokenizer_dir: Path, mode: str | None):
+    """The run's tokenizer with the chat template the shards were rendered with: its own for ``chat``,
+    MFTCoder's role markers for ``mftcoder`` (and for a tokenizer without a template, which prep renders so)."""
     from transformers import AutoTokenizer
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{tokenizer_dir}: cannot load the run's tokenizer ({exc})") from None
+    if mode == "mftcoder" or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = mftcoder_template(tokenizer)
+    return tokenizer
+
+
+def _set_special_ids(lm: nn.Module, tokenizer, mode: str | None) -> None:
+    """The tokenizer's BOS/pad and every trained end id (:func:`trained_end_ids`, the base's list kept) on the
+    model's config and generation config, KV cache on: what ``generate`` on the export reads."""
+    generation = getattr(lm, "generation_config", None)
+    base = [getattr(c, "eos_token_id", None) for c in (lm.config, generation) if c is not None]
+    base_ids = [i for value in base if value is not None for i in ([value] if isinstance(value, int) else value)]
+    ends = trained_end_ids(tokenizer, mode, base_ids)
+    values = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": ends[0] if len(ends) == 1 else ends or None}
+    lm.config.use_cache = True
+    for config in (lm.config, generation):
+        for name, value in values.items():
+            if config is not None and value is not None:
+                setattr(config, name, value)
+
+
+def _write_plain(model: nn.Module, tokenizer, out: Path) -> None:
+    """One transformers directory: LoRA merged, ready for inference (:func:`_set_special_ids` done before)."""
     if causal_lm(model) is not model:  # peft: fold the adapters into the base weights
         model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    model.config.use_cache = True
-    configs = [c for c in (model.config, getattr(model, "generation_config", None)) if c is not None]
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name)
-        if value is not None:
-            for config in configs:
-                setattr(config, name, value)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 

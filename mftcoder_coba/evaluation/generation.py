@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mftcoder_coba.end_tokens import trained_end_ids
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.problems import STOP_SEQUENCES, Problem
 from mftcoder_coba.evaluation.prompts import Sampling, extract_completion, render_prompt
@@ -37,8 +38,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str], sampling: Sampling) -> lis
 
 
 def end_token(tokenizer, config_eos: int | list[int] | None) -> int | list[int] | None:
-    """The token(s) that end a completion: the tokenizer's end-of-sequence token, else the model config's."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config_eos
+    """The token(s) that end a completion: every end token training taught (the tokenizer's EOS, the chat
+    template's end-of-turn token, the model config's special end ids; :func:`trained_end_ids`), as an export
+    lists them; the model config's own when the tokenizer gives none."""
+    ends = trained_end_ids(tokenizer, None, config_eos)
+    return config_eos if not ends else ends[0] if len(ends) == 1 else ends
 
 
 def decode_completions(tokenizer, rows: Sequence[Sequence[int]], sampling: Sampling) -> list[str]:
@@ -73,7 +77,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], sampling: Sampling
     lm = causal_lm(model)
     device = next(model.parameters()).device
     eos = end_token(tokenizer, lm.config.eos_token_id)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0] if isinstance(eos, list) else eos
     if pad is None:
         raise UserError("the tokenizer has neither a pad nor an end-of-sequence token; generation needs one")
     tokenizer.padding_side = "left"  # the newest tokens of every row line up at the right for the cache

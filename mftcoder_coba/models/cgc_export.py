@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -71,8 +72,13 @@ def _write_merged(model: nn.Module, layers: dict[str, CgcLoraLinear], cluster: i
     model.save_pretrained(str(out_dir), state_dict=state)
 
 
-def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
-    for item in tokenizer_dir.iterdir():
+def _copy_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    """A tokenizer directory's files copied, or a loaded tokenizer saved (the export's, with the chat template
+    and end tokens training used, see :mod:`mftcoder_coba.export`)."""
+    if not isinstance(tokenizer, Path):
+        tokenizer.save_pretrained(str(out_dir))
+        return
+    for item in tokenizer.iterdir():
         if item.is_file():
             shutil.copy2(item, out_dir / item.name)
 
@@ -83,7 +89,7 @@ def _is_export(path: Path) -> bool:
 
 
 def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequence[str] | None = None,
-                         tokenizer_dir: str | Path | None = None, merged: bool = False, *,
+                         tokenizer_dir: Any = None, merged: bool = False, *,
                          overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
     """Write the "1+N" form of a CGC-LoRA model: the base once plus one plain peft LoRA adapter per task
     cluster (per task when every task is its own cluster, the default).
@@ -97,7 +103,9 @@ def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequ
                                adapter's rank), path and mean gate weight on the common experts; per task
                                its cluster and that cluster's adapter
 
-    ``task_names`` (task-id order) rename the model's tasks (and, with one cluster per task, the clusters).
+    ``tokenizer_dir``: a tokenizer directory to copy beside the base (and each merged model), or a loaded
+    tokenizer to save there. ``task_names`` (task-id order) rename the model's tasks (and, with one cluster
+    per task, the clusters).
     ``out_dir`` must not be, hold or lie inside one of ``inputs`` (e.g. the run directory exported from)
     or any run directory; an existing one is replaced only with ``overwrite``, only when it is an earlier
     export, and only once the new one is whole (:func:`mftcoder_coba.atomic.check_replaceable`).
@@ -121,8 +129,8 @@ def export_task_adapters(model: nn.Module, out_dir: str | Path, task_names: Sequ
         if not SAFE_NAME.match(name):
             raise UserError(f"export: cluster name {name!r} is not usable as a directory name")
     check_replaceable(out_dir, overwrite=overwrite, kind=EXPORT_KIND, inputs=inputs, owned=_is_export)
-    tokenizer = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    if tokenizer is not None and not tokenizer.is_dir():
+    tokenizer = Path(tokenizer_dir) if isinstance(tokenizer_dir, (str, Path)) else tokenizer_dir
+    if isinstance(tokenizer, Path) and not tokenizer.is_dir():
         raise UserError(f"{tokenizer}: tokenizer directory not found")
     cfg = slot.cfg
     ranks = cfg.expert_ranks(slot.num_clusters)
