@@ -75,6 +75,9 @@ class ModelConfig:
     """CGC-LoRA options for ``adapter: cgc_lora``."""
     trust_remote_code: bool = False
     """Allow a local model directory's own modelling code (``auto_map`` in its config) to run."""
+    allow_other_tokenizer: bool = False
+    """Train on shards whose tokenizer differs from the one in ``path`` (a deliberate vocabulary change, e.g.
+    tokens added). Off: such a run is refused before it starts (:mod:`mftcoder_coba.training.tokenizer_match`)."""
 
     def validate(self) -> None:
         check(

@@ -30,6 +30,7 @@ from mftcoder_coba.models.build import torch_dtype
 from mftcoder_coba.training import checkpoint, ds_config, threads, trackers, verified
 from mftcoder_coba.training.best import check_metric_tasks
 from mftcoder_coba.training.eval_split import EvalSplit
+from mftcoder_coba.training.tokenizer_match import check_run_tokenizer
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def run(cfg: RunConfig, world_size: int, resume: str | None, on_cuda: bool | Non
               f"{name!r} needs the {missing} package, which is not installed: pip install 'mftcoder-coba[{name}]' "
               f"(or drop {name} from train.report_to)")
     check_model(cfg.model, train.vocab_size, train.seq_len)
+    check_run_tokenizer(cfg.model, train.tokenizer_dir)
     if cfg.model.adapter == "cgc_lora":  # the clusters name the shards' tasks; the rank budget covers their experts
         cgc = cfg.model.cgc_lora
         cgc.expert_ranks(len(cgc.cluster_layout(train.tasks)[1]))
