@@ -2,15 +2,17 @@
 
 Generates ``--n`` completions per problem (transformers ``generate``, KV cache, batched; or vLLM, see
 :mod:`mftcoder_coba.evaluation.vllm_engine`), runs each as
-``prompt + completion + test`` in its own sandboxed interpreter (:mod:`mftcoder_coba.evaluation.sandbox`:
-not a security boundary, see there) and reports unbiased pass@k. ``--self-check`` runs the benchmark's
-canonical solutions instead of a model (HumanEval must give pass@1 = 1.0). ``--all-checkpoints`` scores
-every complete checkpoint of a run and writes ``RUN_DIR/eval_code.jsonl`` (one line per step and benchmark).
+``prompt + completion + test`` in its own sandboxed interpreter (:mod:`mftcoder_coba.evaluation.sandbox`; behind
+Linux namespaces with ``--sandbox isolated``/``auto``, see there) and reports unbiased pass@k. ``--self-check``
+runs the benchmark's canonical solutions instead of a model (HumanEval must give pass@1 = 1.0).
+``--all-checkpoints`` scores every complete checkpoint of a run and writes ``RUN_DIR/eval_code.jsonl`` (one line
+per step and benchmark).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from mftcoder_coba.atomic import atomic_write_text
@@ -27,7 +29,7 @@ from mftcoder_coba.evaluation.code_run import (
 from mftcoder_coba.evaluation.model_options import ModelOptions
 from mftcoder_coba.evaluation.problems import HUMANEVAL, load_benchmark
 from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling
-from mftcoder_coba.evaluation.sandbox import Limits
+from mftcoder_coba.evaluation.sandbox import MODES, IsolationUnavailable, Limits, resolve_mode
 from mftcoder_coba.evaluation.vllm_engine import ENGINES, RUN_CHECKPOINTS
 
 
@@ -55,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="samples executed in parallel")
     parser.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per sample")
     parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per sample")
+    parser.add_argument("--sandbox", choices=MODES, default="auto",
+                        help="isolated: Linux namespaces (no network, read-only filesystem without home/run "
+                             "folders, all processes die with the sample), refuse where the kernel does not allow "
+                             "them; guarded: limits and Python guards only (not a boundary); auto: isolated where "
+                             "it works, else guarded with a warning")
     parser.add_argument("--task", default=None,
                         help="CGC-LoRA runs and exports: the task whose adapter/gates generate")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -75,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
         limits.validate()
     except ValueError as exc:
         raise UserError(f"--timeout/--memory-mb: {exc}") from None
+    limits = sandbox_limits(limits, args.sandbox)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     n = 1 if args.self_check else args.n
@@ -90,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--limit must be >= 1, got {args.limit}")
         problems = problems[:args.limit]
     settings = {"benchmark": bench, "benchmark_source": args.benchmark, "k": ks,
-                "timeout": limits.timeout, "memory_mb": limits.memory_mb}
+                "timeout": limits.timeout, "memory_mb": limits.memory_mb, "sandbox": limits.sandbox}
     if args.self_check:
         if args.target is not None or args.all_checkpoints:
             raise UserError("--self-check runs the benchmark's own solutions; give no TARGET / --all-checkpoints")
@@ -118,6 +126,15 @@ def main(args: argparse.Namespace) -> int:
     summary, results = evaluate_target(target, problems, n, ks, sampling, limits, settings, options)
     report(summary, results, args.out, _samples_path(args))
     return 0
+
+
+def sandbox_limits(limits: Limits, requested: str) -> Limits:
+    """``limits`` with the sandbox mode ``--sandbox requested`` resolves to (one warning where auto falls back)."""
+    try:
+        return replace(limits, sandbox=resolve_mode(requested))
+    except IsolationUnavailable as exc:
+        raise UserError(f"--sandbox isolated: the kernel refused the namespaces ({exc}); use a machine that allows "
+                        f"unprivileged user namespaces, or --sandbox guarded (not a security boundary)") from None
 
 
 def parse_ks(text: str | None, n: int) -> list[int]:

@@ -10,10 +10,13 @@ fresh temporary directory that is removed afterwards (never the run directory), 
 empty (/dev/null), stdout and stderr captured to an anonymous file and truncated, and the rlimits and
 process-creation guards of :mod:`mftcoder_coba.evaluation.sandbox_child`.
 
-What it is not: a security boundary. There is no seccomp filter, no namespace, no chroot and no separate
-user: a sample can reach the network and every file the user running the evaluation can reach, and code
-written to escape (``ctypes``, a forged status report) can. Run benchmarks from untrusted sources, or models
-you do not trust, inside a container or VM.
+Two modes (:data:`MODES`, ``eval-code --sandbox``): ``guarded`` is the above alone. It is not a security
+boundary: a sample can reach the network and every file the user running the evaluation can reach, and code
+written to escape (``ctypes``) can undo the Python guards. ``isolated`` adds the namespaces of
+:mod:`mftcoder_coba.evaluation.isolation` (no network, a read-only filesystem without home, run or temporary
+folders, a scratch tmpfs, its own PID namespace whose processes all die with the sample, no capabilities);
+:func:`resolve_mode` decides ``auto`` once per process by starting one isolated sample. Kernel exploits are
+beyond both: run models you do not trust inside a VM.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -31,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,13 @@ the wall-clock or CPU limit; it ran out of its address space (MemoryError); it e
 finished; it tried to start a process; it was killed by a signal. Writing past the file-size limit (output
 included) raises ``OSError`` (File too large) in Python, an ``exception``."""
 _STATUS_BYTES = 4096
+MODES = ("auto", "isolated", "guarded")
+"""``--sandbox``: auto = isolated where the kernel allows it, else guarded with a warning; isolated = refuse
+without the namespaces; guarded = one fresh interpreter with limits and Python guards only."""
+
+
+class IsolationUnavailable(RuntimeError):
+    """The kernel refused a step of the isolated sandbox (the message names which)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,10 @@ class Limits:
     """Largest file the sample may write (RLIMIT_FSIZE), including its captured output, in MiB."""
     output_chars: int = 2000
     """Characters of stdout+stderr kept in the result."""
+    sandbox: str = "guarded"
+    """``isolated`` (namespaces) or ``guarded`` (limits and Python guards only); see :func:`resolve_mode`."""
+    scratch_mb: int = 64
+    """Isolated: size of the sample's scratch tmpfs (its working directory), in MiB."""
 
     def validate(self) -> None:
         if not self.timeout > 0:
@@ -64,6 +80,11 @@ class Limits:
             raise ValueError(f"memory limit must be >= 64 MiB (an interpreter needs ~30), got {self.memory_mb}")
         if self.file_mb < 1:
             raise ValueError(f"file size limit must be >= 1 MiB, got {self.file_mb}")
+        if self.sandbox not in MODES[1:]:
+            raise ValueError(f"sandbox must be one of {', '.join(MODES[1:])} (resolve 'auto' first), "
+                             f"got {self.sandbox!r}")
+        if self.scratch_mb < 1:
+            raise ValueError(f"scratch size must be >= 1 MiB, got {self.scratch_mb}")
 
 
 @dataclass(frozen=True)
@@ -86,9 +107,15 @@ class Outcome:
 
 def run_program(source: str, limits: Limits = Limits()) -> Outcome:
     """Run ``source`` as a script in a sandboxed interpreter and report how it ended (never raises for the
-    program's behaviour)."""
-    child_limits = json.dumps({"cpu_seconds": math.ceil(limits.timeout) + 1,
-                               "memory_bytes": limits.memory_mb << 20, "file_bytes": limits.file_mb << 20})
+    program's behaviour; :class:`IsolationUnavailable` where the kernel refuses the isolated mode)."""
+    token = secrets.token_hex(16)
+    token_read, token_write = os.pipe()
+    os.write(token_write, token.encode("ascii"))
+    os.close(token_write)
+    child_limits = json.dumps({"cpu_seconds": math.ceil(limits.timeout) + 1, "memory_bytes": limits.memory_mb << 20,
+                               "file_bytes": limits.file_mb << 20, "token_fd": token_read,
+                               "isolated": limits.sandbox == "isolated", "scratch_bytes": limits.scratch_mb << 20,
+                               "hidden": [str(Path.home()), os.getcwd()]})
     work = Path(tempfile.mkdtemp(prefix="mftcoder-sandbox-"))
     read_end, write_end = os.pipe()
     try:
@@ -99,8 +126,10 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
             start = time.monotonic()
             proc = subprocess.Popen([sys.executable, "-I", str(CHILD), str(write_end), child_limits, "program.py"],
                                     cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                    stderr=subprocess.STDOUT, pass_fds=(write_end,), start_new_session=True,
-                                    close_fds=True)
+                                    stderr=subprocess.STDOUT, pass_fds=(write_end, token_read),
+                                    start_new_session=True, close_fds=True)
+            os.close(token_read)
+            token_read = -1
             os.close(write_end)
             write_end = -1
             try:
@@ -117,9 +146,14 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
         report = _read_report(read_end)
     finally:
         os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
+        for fd in (write_end, token_read):
+            if fd >= 0:
+                os.close(fd)
         _remove_tree(work)
+    if report is not None and report.get("token") != token:
+        report = {"status": "exited", "detail": "a status report without the sandbox's token (written by the program)"}
+    elif report is not None and report.get("status") == "setup":
+        raise IsolationUnavailable(str(report.get("detail")))
     status, detail = _classify(proc.returncode, timed_out, report, limits)
     return Outcome(status, detail, round(seconds, 4), printed)
 
@@ -141,6 +175,34 @@ def run_programs(sources: Sequence[str], limits: Limits = Limits(), workers: int
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # each thread only waits on its child process
         return list(pool.map(one, range(len(sources))))
+
+
+@cache
+def isolation_problem() -> str | None:
+    """Why the isolated sandbox does not work here (None where it does): one trivial isolated sample, once."""
+    try:
+        outcome = run_program("import os\nassert os.listdir('.') == ['program.py']\n",
+                              Limits(timeout=30, sandbox="isolated"))
+    except IsolationUnavailable as exc:
+        return str(exc)
+    return None if outcome.passed else f"a trivial isolated sample ended {outcome.status}: {outcome.detail}"
+
+
+def resolve_mode(requested: str) -> str:
+    """``isolated`` or ``guarded`` for ``--sandbox requested``: ``auto`` falls back to ``guarded`` with one
+    warning naming what is missing; ``isolated`` raises :class:`IsolationUnavailable` where it does not work."""
+    if requested not in MODES:
+        raise ValueError(f"sandbox must be one of {', '.join(MODES)}, got {requested!r}")
+    if requested == "guarded":
+        return requested
+    problem = isolation_problem()
+    if problem is None:
+        return "isolated"
+    if requested == "isolated":
+        raise IsolationUnavailable(problem)
+    log.warning("SANDBOX NOT ISOLATED: the kernel refused the namespaces (%s); samples run with limits and Python "
+                "guards only, which generated code can escape (--sandbox isolated refuses instead)", problem)
+    return "guarded"
 
 
 def _classify(returncode: int, timed_out: bool, report: dict | None, limits: Limits) -> tuple[str, str]:

@@ -1,8 +1,9 @@
 """The first code of a sandboxed interpreter: lower the limits, run the program, report how it ended.
 
 Started by :func:`mftcoder_coba.evaluation.sandbox.run_program` as ``python -I sandbox_child.py STATUS_FD
-LIMITS_JSON PROGRAM``. It imports nothing of this package (the sandbox stays a bare interpreter) and runs
-before the untrusted program, so the program starts with the limits already in place:
+LIMITS_JSON PROGRAM``. It imports nothing of this package but ``isolation.py`` beside it (loaded by path, for
+``--sandbox isolated``: the namespaces, see there) and runs before the untrusted program, so the program starts
+behind the boundary and with the limits already in place:
 
 - RLIMIT_CPU (CPU seconds, then SIGXCPU), RLIMIT_AS (address space: allocations beyond it raise
   MemoryError), RLIMIT_FSIZE (largest file it may write), RLIMIT_CORE 0, and RLIMIT_NPROC 0 (no new
@@ -10,9 +11,12 @@ before the untrusted program, so the program starts with the limits already in p
 - process creation through Python (``os.fork``, ``os.system``, ``os.exec*``/``spawn*``, ``subprocess``)
   raises :class:`SandboxViolation`, which also stops fork bombs where RLIMIT_NPROC does not apply.
 
-How the program ended goes to STATUS_FD as one JSON object ``{"status", "detail"}``; a process that never
-writes it exited or was killed before its tests finished. The program can forge that report or undo the
-guards (``ctypes``): this catches accidents and runaway code, not a determined attacker.
+How the program ended goes to STATUS_FD as one JSON object ``{"status", "detail", "token"}``; a process that
+never writes it exited or was killed before its tests finished. The token is a secret the harness sends through
+TOKEN_FD (read and closed before the program starts), so a line a program writes to STATUS_FD itself is not taken
+for a report. It is a secret from the program's output, not from its interpreter: code that digs through the
+frames of this process can find it, and can undo the Python guards (``ctypes``); only the namespaces of
+``isolation.py`` hold against that.
 """
 import json
 import os
@@ -58,17 +62,39 @@ def _classify(exc: BaseException) -> str:
     return "exception"
 
 
+def _isolate(status_fd: int, token: str, limits: dict, source: str, program: str) -> None:
+    """Enter the namespaces (the program's process returns), then put the program into the fresh scratch folder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_mftcoder_isolation",
+                                                  os.path.join(os.path.dirname(__file__), "isolation.py"))
+    isolation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(isolation)
+
+    def fail(message: str) -> None:
+        os.write(status_fd, json.dumps({"status": "setup", "detail": message, "token": token}).encode("utf-8"))
+        os._exit(70)
+
+    isolation.enter(os.getcwd(), [*isolation.ALWAYS_HIDDEN, *limits["hidden"]], int(limits["scratch_bytes"]), fail)
+    with open(program, "w", encoding="utf-8") as handle:
+        handle.write(source)
+
+
 def main() -> None:
     status_fd, limits, program = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    token = os.read(int(limits["token_fd"]), 256).decode("ascii")
+    os.close(int(limits["token_fd"]))
+    with open(program, encoding="utf-8") as handle:
+        source = handle.read()
+    del handle
+    if limits["isolated"]:
+        _isolate(status_fd, token, limits, source, program)
     _set_limit(resource.RLIMIT_CPU, int(limits["cpu_seconds"]))
     _set_limit(resource.RLIMIT_AS, int(limits["memory_bytes"]))
     _set_limit(resource.RLIMIT_FSIZE, int(limits["file_bytes"]))
     _set_limit(resource.RLIMIT_CORE, 0)
     _set_limit(resource.RLIMIT_NPROC, 0)
     _guard_process_creation()
-    with open(program, encoding="utf-8") as handle:
-        source = handle.read()
-    del handle
     try:
         code = compile(source, program, "exec")
     except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte in the source
@@ -84,7 +110,7 @@ def main() -> None:
             stream.flush()
         except (OSError, ValueError):  # the program closed or broke its own output
             pass
-    os.write(status_fd, json.dumps({"status": status, "detail": detail}).encode("utf-8"))
+    os.write(status_fd, json.dumps({"status": status, "detail": detail, "token": token}).encode("utf-8"))
     os.close(status_fd)
 
 
