@@ -55,12 +55,14 @@ def qwen_base_tokenizer(target: Path) -> Path:
                           pad_token="<|endoftext|>")
 
 
-def prep_and_train(tmp: Path, tokenizer: Path, **model: object) -> Path:
+def prep_and_train(tmp: Path, tokenizer: Path, records: list[dict] = RECORDS, seq_len: int = 64,
+                   template: str = "auto", **model: object) -> Path:
+    """Prep ``records`` as one task with ``tokenizer`` under ``tmp/prepared``, train a tiny Llama 2 steps."""
     data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    prepare(PrepOptions(tasks={"code": data}, tokenizer=tokenizer, seq_len=64, out=tmp / "prepared",
-                        valid_samples_per_task=0, seed=0, progress=False))
-    model_section = {"model_config": dict(TINY_LLAMA), **model}
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare(PrepOptions(tasks={"code": data}, tokenizer=tokenizer, seq_len=seq_len, out=tmp / "prepared",
+                        valid_samples_per_task=0, seed=0, progress=False, template=template))
+    model_section = {"model_config": {**TINY_LLAMA, "max_position_embeddings": seq_len}, **model}
     cfg = run_config(tmp / "prepared", tmp / "run", model=model_section, data={"valid": None},
                      balancer={"name": "uniform", "options": {}}, train={"max_steps": 2})
     return train(cfg)
@@ -113,14 +115,8 @@ def test_export_of_a_chatml_run_stops_at_im_end(qwen_run: Path, tmp_path: Path) 
 def test_mftcoder_run_exports_its_markers_as_the_chat_template(tmp_path: Path) -> None:
     """Shards rendered with MFTCoder's role markers (a tokenizer with a ChatML template, --template mftcoder):
     the export's template renders those markers, not the ChatML the model never saw, and stops on EOS only."""
-    tokenizer_dir = qwen_base_tokenizer(tmp_path / "tokenizer")
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    prepare(PrepOptions(tasks={"code": data}, tokenizer=tokenizer_dir, seq_len=64, out=tmp_path / "prepared",
-                        valid_samples_per_task=0, seed=0, progress=False, template="mftcoder"))
-    cfg = run_config(tmp_path / "prepared", tmp_path / "run", model={"model_config": dict(TINY_LLAMA)},
-                     data={"valid": None}, balancer={"name": "uniform", "options": {}}, train={"max_steps": 2})
-    out = export_run(train(cfg), tmp_path / "export")
+    run = prep_and_train(tmp_path, qwen_base_tokenizer(tmp_path / "tokenizer"), template="mftcoder")
+    out = export_run(run, tmp_path / "export")
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True,
                                          tokenize=False)
