@@ -103,3 +103,32 @@ def test_same_size_other_ids_differ(tmp_path: Path) -> None:
         loaded.append(AutoTokenizer.from_pretrained(tmp_path / name))
     assert difference(*loaded) == "2 tokens have other ids (e.g. '<|a|>': 50257 vs 50258)"
     assert difference(loaded[0], loaded[0]) is None
+
+
+def test_cold_fusion_refuses_contributors_with_different_tokenizers(tmp_path: Path) -> None:
+    """ColD Fusion averages the contributors' models, so one id must mean one token in all of them: two
+    tokenizers of one size whose added tokens swapped ids are refused before any work (the vocabulary-size
+    check let them through, and the second contributor trained on ids the shared model read otherwise)."""
+    from prep_helpers import tokenizer_copy
+
+    from mftcoder_coba import config_io
+    from mftcoder_coba.data_prep.pipeline import PrepOptions, prepare
+    from mftcoder_coba.demo_data import DEMO_TASKS
+    from mftcoder_coba.fusion import FusionConfig, run_cold_fusion
+
+    contributors = []
+    for name, task, added in (("alice", "unit_tests", ("<|a|>", "<|b|>")), ("bob", "code_completion",
+                                                                          ("<|b|>", "<|a|>"))):
+        tokenizer = tokenizer_copy(tmp_path / f"tokenizer-{name}", fim_tokens=added)
+        prepare(PrepOptions(tasks={task: DEMO_TASKS[task]}, tokenizer=tokenizer, seq_len=64, out=tmp_path / name,
+                            valid_samples_per_task=4, seed=0, progress=False))
+        contributors.append({"name": name, "train": str(tmp_path / name / "train"),
+                             "valid": str(tmp_path / name / "valid")})
+    data = {"run_dir": str(tmp_path / "run"), "iterations": 1, "contributors": contributors,
+            "template": {"model": {"model_config": dict(TINY_LLAMA), "dtype": "fp32", "attn_implementation": "sdpa"},
+                         "balancer": UNIFORM, "train": {"max_steps": 2, "micro_batch_size": 2,
+                                                        "global_batch_size": 4}}}
+    with pytest.raises(ConfigError, match=r"^config field 'contributors\[1\].valid': prepared with another "
+                                          r"tokenizer than 'alice' \(2 tokens have other ids"):
+        run_cold_fusion(config_io.build(FusionConfig, data))
+    assert not (tmp_path / "run").exists()

@@ -307,6 +307,7 @@ def _open_datasets(cfg: FusionConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             check(ds.vocab_size == vocab[0], f"{field_name}[{i}].valid",
                   f"prepared with a vocabulary of {ds.vocab_size} tokens, '{vocab[1]}' with {vocab[0]}: "
                   "all contributors and unseen tasks must use the same tokenizer")
+            _check_same_tokenizer(ds, opened[0].get(vocab[1], ds), f"{field_name}[{i}].valid", vocab[1])
             opened[group][c.name] = ds
     seen = {t for ds in opened[0].values() for t in ds.tasks}
     for i, u in enumerate(cfg.unseen):
@@ -314,6 +315,19 @@ def _open_datasets(cfg: FusionConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         check(not shared, f"unseen[{i}]", f"task(s) {', '.join(shared)} are also in the pool: an unseen task "
               "must not be one the contributors train on")
     return opened
+
+
+def _check_same_tokenizer(ds: Any, first: Any, field_name: str, first_name: str) -> None:
+    """One tokenizer for every contributor and unseen task (the same ids mean the same tokens in every model
+    averaged), checked as ``train`` checks shards against a model's own (:mod:`~mftcoder_coba.training.
+    tokenizer_match`); each contributor's run still checks its shards against the shared model's tokenizer."""
+    from mftcoder_coba.training.tokenizer_match import tokenizer_mismatch
+
+    if ds is first or ds.tokenizer_dir is None or first.tokenizer_dir is None:
+        return
+    problem = tokenizer_mismatch(ds.tokenizer_dir, first.tokenizer_dir)
+    check(problem is None, field_name, f"prepared with another tokenizer than '{first_name}' ({problem}): all "
+          "contributors and unseen tasks must use the same tokenizer")
 
 
 def sampled_contributors(cfg: FusionConfig, iteration: int) -> list[Contributor]:
