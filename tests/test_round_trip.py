@@ -43,6 +43,10 @@ FAMILIES = {
         "{% endif %}" + CHATML, eos_token="<|im_end|>"), "auto"),
     # Llama 3.1 headers, the template writing the BOS, turns ending with <|eot_id|>
     "llama3": (llama31, "auto"),
+    # a template that closes replies with no special token: prep inserts the EOS after each reply
+    "plain-no-marker": (lambda target: gpt2_tokenizer(
+        target, [], "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"), "auto"),
     # no chat template: MFTCoder's role markers, EOS closing every reply; the export ships them as a template
     "mftcoder-gpt2": (lambda target: GPT2, "auto"),
 }
@@ -65,10 +69,15 @@ def first_sample(prepared: Path) -> tuple[list[int], list[tuple[int, int]]]:
 # train on what inference will feed, e.g. encode up to the generation prompt on its own); strict, so the
 # fix shows.
 BOUNDARY = pytest.mark.xfail(strict=True, reason="prep encodes across the generation prompt's end (issue 22.3)")
+# A template that writes no special token after a reply: prep inserts the EOS there, so the history of a
+# second turn holds EOS tokens the template (shipped as is) never writes; and "assistant: " + "def" encodes
+# as "assistant:" " def". Prep's to decide (issue 22, item 3).
+NO_MARKER = pytest.mark.xfail(strict=True, reason="prep inserts EOS into the history; ' def' boundary (issue 22.3)")
+XFAIL = {"llama3": BOUNDARY, "plain-no-marker": NO_MARKER}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [pytest.param(f, marks=BOUNDARY) if f == "llama3" else f for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", [pytest.param(f, marks=XFAIL[f]) if f in XFAIL else f for f in sorted(FAMILIES)])
 def test_generation_prompt_plus_answer_is_the_trained_sample(family: str, tmp_path: Path) -> None:
     make_tokenizer, template = FAMILIES[family]
     run = prep_and_train(tmp_path, make_tokenizer(tmp_path / "tokenizer"), records=[RECORD] * 8, seq_len=128,
