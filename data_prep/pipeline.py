@@ -303,7 +303,10 @@ def _process(batch: list[Record]) -> list[Outcome]:
                 continue
             status = "truncated"
             if work.overlong == "truncate-left":  # the window moves to the sample's end, on a turn boundary
-                start += left_cut(encoded.mask[start:start + n], keep)
+                cut = left_cut(encoded.mask[start:start + n], keep)
+                # a cut on a round boundary can leave fewer than seq_len tokens: the window ends where the
+                # sample ends, never in the next sample of the batch (or past the batch's end)
+                start, keep = start + cut, min(keep, n - cut)
                 loss = int(running[start + keep] - running[start + 1])
         if not loss:
             outcomes[i] = ("dropped", "no_loss_after_truncation" if status == "truncated" else "no_loss_tokens",
