@@ -80,13 +80,30 @@ def _check_ids(labels: torch.Tensor, task_ids: torch.Tensor, n_vocab: int, n_tas
         raise UserError(f"task cross-entropy: token {i}: {what}; {int(bad.sum())} such token(s) in this batch")
 
 
+def _tensor(name: str, value: object, kind: str) -> torch.Tensor:
+    """``value`` as given if it is a tensor of ``kind`` (``"float"`` or ``"int"``), else one line naming it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of {kind} dtype, got {type(value).__name__}")
+    is_int = not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+    if (kind == "float" and not value.is_floating_point()) or (kind == "int" and not is_int):
+        article = "a floating" if kind == "float" else "an integer"
+        raise ValueError(f"{name} must be {article} tensor, got {value.dtype}")
+    return value
+
+
+def _nonempty_vocab(n_vocab: int, what: str) -> None:
+    if n_vocab == 0:
+        raise ValueError(f"{what} has a vocabulary of size 0: there is no class to take a cross-entropy over")
+
+
 def _prepare_ids(labels, task_ids, task_scale, n_rows: int, device: torch.device):
+    _tensor("labels", labels, "int")
+    _tensor("task_ids", task_ids, "int")
+    _tensor("task_scale", task_scale, "float")
     if labels.dim() != 1 or labels.shape[0] != n_rows or task_ids.shape != labels.shape:
         raise ValueError(
             f"labels and task_ids must be ({n_rows},), got {tuple(labels.shape)} and {tuple(task_ids.shape)}"
         )
-    if labels.is_floating_point() or task_ids.is_floating_point():
-        raise ValueError("labels and task_ids must be integer tensors")
     if task_scale.dim() != 1 or task_scale.numel() == 0:
         raise ValueError(f"task_scale must be a non-empty (T,) tensor, got {tuple(task_scale.shape)}")
     return (
@@ -108,8 +125,9 @@ def task_cross_entropy(
     check: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-task cross-entropy over (N, V) logits; see the module docstring for the outputs and modes."""
-    if logits.dim() != 2 or not logits.is_floating_point():
+    if _tensor("logits", logits, "float").dim() != 2:
         raise ValueError(f"logits must be a floating (N, V) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    _nonempty_vocab(logits.shape[1], "logits")
     backend = _backend(impl, logits.device)
     labels, task_ids, task_scale = _prepare_ids(labels, task_ids, task_scale, logits.shape[0], logits.device)
     if _checking(check):
@@ -141,6 +159,10 @@ def linear_task_cross_entropy(
     Works through row chunks of at most ``chunk_bytes`` of logits (the only large temporary); gradients for
     hidden, weight and bias (whichever require grad) are accumulated in the forward pass.
     """
+    _tensor("hidden", hidden, "float")
+    _tensor("weight", weight, "float")
+    if bias is not None:
+        _tensor("bias", bias, "float")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, H) and weight (V, H) expected, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -149,6 +171,7 @@ def linear_task_cross_entropy(
                          f"{'' if bias is None else ', ' + str(bias.dtype)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _nonempty_vocab(weight.shape[0], "weight")
     backend = _backend(impl, hidden.device)
     labels, task_ids, task_scale = _prepare_ids(labels, task_ids, task_scale, hidden.shape[0], hidden.device)
     if _checking(check):

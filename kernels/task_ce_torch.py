@@ -40,15 +40,20 @@ def task_ce_rows(
         task = task_ids[start:stop]
         valid = counted(label, task, n_vocab, n_tasks, ignore_index)
         safe_label = torch.where(valid, label, 0).long().unsqueeze(1)
-        lse = torch.logsumexp(x, dim=1, keepdim=True)
-        x_label = x.gather(1, safe_label)
-        row_ce[start:stop] = torch.where(valid, (lse - x_label).squeeze(1), 0.0)
+        # shift by the row max (0 for a row of -inf only) and keep ce = (m - x_label) + log d: storing
+        # lse = m + log d and subtracting loses log d's digits when the logits are large
+        m = x.amax(dim=1, keepdim=True)
+        x.sub_(m.masked_fill_(m == float("-inf"), 0.0))
+        log_d = x.exp().sum(dim=1, keepdim=True).log_()
+        shifted_label = x.gather(1, safe_label)
+        row_ce[start:stop] = torch.where(valid, (log_d - shifted_label).squeeze(1), 0.0)
         if grad is None:
             continue
         coef = torch.where(valid, task_scale.float()[torch.where(valid, task, 0).long()], 0.0).unsqueeze(1)
+        log_d.masked_fill_(~valid.unsqueeze(1), 0.0)  # d may be 0 in an ignored row: -inf - -inf is NaN
         # true-class entry in float32 before the one rounding: (p - 1) * coef
-        label_grad = (torch.exp(x_label - lse) - 1.0) * coef
-        x.sub_(lse).exp_().mul_(coef)
+        label_grad = (torch.exp(shifted_label - log_d) - 1.0) * coef
+        x.sub_(log_d).exp_().mul_(coef)
         x.scatter_(1, safe_label, label_grad)
         grad[start:stop] = x
 

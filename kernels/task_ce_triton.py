@@ -11,6 +11,9 @@ Layout and numerics:
   sum-of-exponentials in float32 (base 2: ``exp2`` is the hardware instruction); when the gradient is
   written, ``SPLIT`` programs share each row (see ``default_launch``) so that each re-reads only a short
   segment, from L2;
+- the running max is shifted by a finite reference (a block of ``-inf`` / ``finfo.min`` logits, e.g. masked
+  columns, never meets ``-inf - -inf``) and a row's ce is ``(m - x_label) + log d``, never a stored
+  log-sum-exp minus the label's logit, which loses ``log d``'s digits when the logits are large;
 - row offsets are int64 (``N * V`` passes 2**31 at V = 152k);
 - the true-class gradient ``(p - 1) * coef`` is formed in float32 and rounded once, so bf16 cancellation
   never zeroes it;
@@ -44,21 +47,25 @@ def _lse_block(row_ptr, cols, stop, m, d, MASKED: tl.constexpr):
     else:
         x = tl.load(row_ptr + cols).to(tl.float32)
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    d = d * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2(x * _LOG2E - m_new * _LOG2E), axis=0)
+    # shift by a finite reference: while every logit so far is -inf, (-inf) - (-inf) would be NaN; differences
+    # (not x*log2e - m*log2e) so that finfo.min logits neither overflow to -inf nor cancel to NaN
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp2((m - ref) * _LOG2E) + tl.sum(tl.exp2((x - ref) * _LOG2E), axis=0)
     return m_new, d
 
 
 @triton.jit
-def _grad_block(row_ptr, grad_row_ptr, cols, stop, lse2, coef, MASKED: tl.constexpr):
-    """Write ``coef * softmax`` for one block (the true class is corrected after the sweep)."""
+def _grad_block(row_ptr, grad_row_ptr, cols, stop, m, log2d, coef, MASKED: tl.constexpr):
+    """Write ``coef * softmax`` = ``coef * 2**((x - m) * log2(e) - log2(d))`` for one block (the true class is
+    corrected after the sweep); ``m`` is finite and ``x - m <= 0``, so nothing overflows or cancels to NaN."""
     if MASKED:
         mask = cols < stop
         x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp2(x * _LOG2E - lse2)
+        p = tl.exp2((x - m) * _LOG2E - log2d)
         tl.store(grad_row_ptr + cols, (p * coef).to(grad_row_ptr.dtype.element_ty), mask=mask)
     else:
         x = tl.load(row_ptr + cols).to(tl.float32)
-        p = tl.exp2(x * _LOG2E - lse2)
+        p = tl.exp2((x - m) * _LOG2E - log2d)
         tl.store(grad_row_ptr + cols, (p * coef).to(grad_row_ptr.dtype.element_ty))
 
 
@@ -123,26 +130,29 @@ def _task_ce_rows_kernel(
             part_m = tl.atomic_add(parts, 0.0, sem="acquire")
             part_d = tl.atomic_add(parts + 1, 0.0, sem="acquire")
             m = tl.max(part_m, axis=0)
-            d = tl.sum(part_d * tl.exp2((part_m - m) * _LOG2E), axis=0)
-        lse = m + tl.log(d)
+            d = tl.sum(part_d * tl.exp2((part_m - tl.where(m == float("-inf"), 0.0, m)) * _LOG2E), axis=0)
+        # a row of -inf only (a fully masked, ignored row) has no max: any finite reference gives 0 gradient
+        m = tl.where(m == float("-inf"), 0.0, m)
+        log_d = tl.log(d)
 
         if seg == 0:
-            tl.store(row_ce_ptr + row64, tl.where(valid, lse - x_label, 0.0))
+            # (m - x_label) + log d, not lse - x_label: with large logits lse = m + log d rounds log d away
+            tl.store(row_ce_ptr + row64, tl.where(valid, (m - x_label) + log_d, 0.0))
 
         if WRITE_GRAD:
             # pass 2: coef * softmax over the segment just read (from L2), then the true class
             coef = tl.where(valid, tl.load(scale_ptr + tl.where(valid, task, 0)).to(tl.float32), 0.0)
-            lse2 = lse * _LOG2E
+            log2d = tl.where(valid, log_d * _LOG2E, 0.0)  # d may be 0 in an ignored row: -inf - -inf is NaN
             row_grad = grad_ptr + row64 * stride_grad
             for start in range(seg_start, full_stop, BLOCK_V):
-                _grad_block(row_logits, row_grad, start + cols0, seg_stop, lse2, coef, False)
+                _grad_block(row_logits, row_grad, start + cols0, seg_stop, m, log2d, coef, False)
             if full_stop < seg_stop:
-                _grad_block(row_logits, row_grad, full_stop + cols0, seg_stop, lse2, coef, True)
+                _grad_block(row_logits, row_grad, full_stop + cols0, seg_stop, m, log2d, coef, True)
             if valid & (label >= seg_start) & (label < seg_stop):
                 # (p - 1) * coef formed in float32 and rounded once; the barrier orders it after the
                 # block store of the same element by another thread of this program
                 tl.debug_barrier()
-                p_label = tl.exp2(x_label * _LOG2E - lse2)
+                p_label = tl.exp2((x_label - m) * _LOG2E - log2d)
                 tl.store(row_grad + label, ((p_label - 1.0) * coef).to(grad_ptr.dtype.element_ty))
 
 
