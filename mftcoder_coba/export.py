@@ -86,7 +86,8 @@ def _trained_tokenizer(tokenizer_dir: Path, mode: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{tokenizer_dir}: cannot load the run's tokenizer ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{tokenizer_dir}: cannot load the run's tokenizer ({reason})") from None
     if mode == "mftcoder" or not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = mftcoder_template(tokenizer)
     return tokenizer
