@@ -127,7 +127,27 @@ def initialize(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_cuda
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps)),
     )
+    _undo_state_warm_up(engine.optimizer)
     return engine, scheduler
+
+
+def _undo_state_warm_up(optimizer: Any) -> None:
+    """Return the optimizer to 'no step taken yet' after DeepSpeed's bf16/fp16 wrapper of ZeRO-0 warmed it up.
+
+    Why: ``FP16_UnfusedOptimizer`` (bf16 or fp16 models without ZeRO) runs ``initialize_optimizer_states()`` while
+    it is built: one AdamW step on zero gradients. Adam's step count is then 1 before the first real step (whose
+    bias correction is that of step 2: 26 % too small with betas 0.9/0.95) and the fp32 masters are decayed once
+    at the unscheduled LR, so ZeRO-0 trained differently from ZeRO 1-3. Clearing the state lets AdamW create it
+    at the first real step; the masters are copied again from the untouched 16-bit weights they were made from."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    optimizer.optimizer.state.clear()
+    with torch.no_grad():
+        for low, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for weight, master in zip(low, masters):
+                master.copy_(weight)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
