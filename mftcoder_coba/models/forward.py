@@ -50,7 +50,19 @@ def hidden_states(
     return out[0].reshape(batch, length, -1)
 
 
+def head_has_adapter(model: nn.Module) -> bool:
+    """Whether the output projection computes more than ``hidden @ weight.T + bias``: a peft LoRA layer or a
+    CGC-LoRA layer on ``lm_head`` holds its base layer and adapter as submodules, a plain head has none. Its
+    ``.weight`` is then the frozen base weight alone, so a loss built from it would leave the adapter untrained."""
+    return any(True for _ in causal_lm(model).get_output_embeddings().children())
+
+
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection's ``(V, H)`` weight and its bias (None for the usual bias-free heads)."""
+    """The output projection's ``(V, H)`` weight and its bias (None for the usual bias-free heads).
+
+    Raises ``ValueError`` for a head with an adapter (:func:`head_has_adapter`): its weight is not what it computes.
+    """
+    if head_has_adapter(model):
+        raise ValueError("the LM head carries an adapter: its weight alone is not what it computes")
     head = causal_lm(model).get_output_embeddings()
     return head.weight, getattr(head, "bias", None)

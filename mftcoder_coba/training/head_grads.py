@@ -18,14 +18,19 @@ import torch
 import torch.distributed as dist
 
 from mftcoder_coba.data import IGNORE_INDEX
+from mftcoder_coba.errors import UserError
 from mftcoder_coba.kernels.api import linear_task_cross_entropy
 from mftcoder_coba.models import lm_head
+from mftcoder_coba.models.forward import head_has_adapter
 
 
 class HeadGradNorms:
     """Accumulates per-task LM-head gradients over one step's micro-batches."""
 
     def __init__(self, model: torch.nn.Module, num_tasks: int, impl: str) -> None:
+        if head_has_adapter(model):
+            raise UserError("balancer needs per-task gradients at the LM head weight, which an adapter on lm_head "
+                            "replaces: leave lm_head out of model.lora.target_modules / model.cgc_lora targets")
         weight, bias = lm_head(model)
         self.weight = weight
         self.bias = bias
