@@ -27,7 +27,7 @@ from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import check_model
 from mftcoder_coba.models.attention import resolve_attn_implementation
 from mftcoder_coba.models.build import torch_dtype
-from mftcoder_coba.training import checkpoint, ds_config, threads, trackers, verified
+from mftcoder_coba.training import checkpoint, ds_config, resume_policy, threads, trackers, verified
 from mftcoder_coba.training.best import check_metric_tasks
 from mftcoder_coba.training.eval_split import EvalSplit
 from mftcoder_coba.training.tokenizer_match import check_run_tokenizer
@@ -190,6 +190,7 @@ def run(cfg: RunConfig, world_size: int, resume: str | None, on_cuda: bool | Non
           f"{t.global_batch_size} is more than the {len(train)} training rows")
     resume_from = checkpoint.resolve_resume(cfg.run_dir, resume)
     if resume_from is not None:
+        resume_policy.check(cfg, resume_from)
         saved = checkpoint.read_trainer_state(resume_from)
         check(saved.get("tasks") == train.tasks, "data.train",
               f"tasks {train.tasks} differ from those of checkpoint {resume_from} ({saved.get('tasks')})")
