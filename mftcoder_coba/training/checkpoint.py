@@ -54,7 +54,7 @@ from mftcoder_coba.atomic import discard, publish, remove_stale
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.file_manifest import has_manifest, manifest_problem, write_manifest
 from mftcoder_coba.models import save_trainable
-from mftcoder_coba.training import distributed
+from mftcoder_coba.training import distributed, universal
 from mftcoder_coba.training.best import MetricWatch, write_best
 from mftcoder_coba.training.distributed import World
 from mftcoder_coba.training.rng import ProcessRNG
@@ -143,6 +143,7 @@ def save(engine: Any, run_dir: Path, step: int, components: Components, counters
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     distributed.barrier(world)
+    universal.mark(engine)  # the record DeepSpeed's converter needs to resume on another world size
     engine.save_checkpoint(str(tmp / "engine"), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
     rng_state = json.dumps(ProcessRNG().state_dict())
     (tmp / "rng" / f"rank-{world.rank:05d}.json").write_text(rng_state, encoding="utf-8")
@@ -261,15 +262,24 @@ def weights_only_loads(engine: Any) -> Iterator[None]:
 
 def load(engine: Any, checkpoint: Path, world: World, components: Components) -> dict[str, Any]:
     """Restore the engine (weights, optimizer, scheduler), this rank's RNGs and ``components``; return the
-    trainer_state.json object (for the trainer's counters)."""
-    with weights_only_loads(engine):
-        path, _ = engine.load_checkpoint(str(checkpoint / "engine"), tag=TAG, load_module_strict=False,
+    trainer_state.json object (for the trainer's counters).
+
+    ZeRO 1-3 state saved on another number of ranks is loaded through DeepSpeed's universal checkpoint
+    (:mod:`~mftcoder_coba.training.universal`, converted once and cached in the checkpoint)."""
+    state = read_trainer_state(checkpoint)
+    saved_size = state.get("world_size")
+    load_dir, tag, switch = checkpoint / "engine", TAG, contextlib.nullcontext()
+    if universal.needed(saved_size, world, engine.zero_optimization_stage()):
+        load_dir, tag = checkpoint, universal.FOLDER
+        universal.prepare(checkpoint, TAG, int(saved_size), world)
+        switch = universal.loading(engine)
+    with weights_only_loads(engine), switch:
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"{checkpoint / 'engine'}: DeepSpeed found no engine state to load; the checkpoint is damaged")
     rng_file = checkpoint / "rng" / f"rank-{world.rank:05d}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         ProcessRNG().load_state_dict(json.loads(rng_file.read_text(encoding="utf-8")))
-    state = read_trainer_state(checkpoint)
     restore(state, components)
     return state

@@ -20,7 +20,8 @@ The trainer composes; the pieces hold the algorithms. One optimizer step ``s``:
 Before the first step: every check of :mod:`preflight` (shard checksums included), then rank 0 locks the run
 directory (:mod:`run_lock`) before writing anything in it. Non-finite losses, gradient norms and weights stop
 the run or skip the step as ``train.nonfinite`` says (:mod:`divergence`). On CPU the intra-op thread count
-per rank is chosen by :mod:`threads`.
+per rank is chosen by :mod:`threads`. After each step all ranks agree whether a stop signal arrived or
+``train.save_every_minutes`` have passed (:mod:`preemption`): a checkpoint, and for a signal the end of the run.
 """
 from __future__ import annotations
 
