@@ -128,6 +128,7 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
     from mftcoder_coba.config import RunConfig
     from mftcoder_coba.training import distributed, ds_config
     from mftcoder_coba.training.objective import TaskLoss, accumulate_gradients, loss_token_counts
+    from mftcoder_coba.training.resolved import grad_accum_dtype
 
     world = distributed.init()
     cfg = config_io.build(RunConfig, {
@@ -152,7 +153,7 @@ def measure_engine(shape: dict[str, Any], dtype: str, zero_stage: int, master_we
         engine.step()
     between = _new_bytes(before)
     engine.destroy()
-    sums = ds_config.grad_accum_dtype(cfg, zero_stage) if dtype == "bf16" else dtype
+    sums = grad_accum_dtype(cfg, zero_stage) if dtype == "bf16" else dtype
     return EngineRow(zero_stage, master_weights, sums, boundary / n_params, between / n_params)
 
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mftcoder_coba.config import OptimConfig, RunConfig
 from mftcoder_coba.errors import ConfigError
 from mftcoder_coba.training.bf16_adamw import StochasticRoundingAdamW
-
-if TYPE_CHECKING:
-    from mftcoder_coba.training.preflight import Resolved
+from mftcoder_coba.training.resolved import Resolved, resolve, uses_stochastic_rounding
 
 
 def load_file(cfg: RunConfig) -> dict[str, Any]:
@@ -56,8 +54,6 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool, resolved: Resolved | N
     preflight decided them (the trainer passes them: the ZeRO stage, gradient-sum dtype and fused AdamW are
     then taken, not decided again); without it they are resolved here for ``on_cuda`` (tests, benchmarks)."""
     if resolved is None:
-        from mftcoder_coba.training.preflight import resolve  # preflight imports this module
-
         resolved = resolve(cfg, zero_stage(cfg), on_cuda)
     ds = load_file(cfg)
     t, o, stage = cfg.train, cfg.optim, resolved.zero_stage
@@ -86,19 +82,6 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool, resolved: Resolved | N
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed's own step lines out
     ds.setdefault("wall_clock_breakdown", False)
     return ds
-
-
-def grad_accum_dtype(cfg: RunConfig, stage: int) -> str:
-    """``train.grad_accum_dtype`` resolved for ZeRO ``stage``: ``auto`` is fp32 with ZeRO 1-3 and fp32 masters,
-    else bf16."""
-    if cfg.train.grad_accum_dtype != "auto":
-        return cfg.train.grad_accum_dtype
-    return "fp32" if cfg.optim.master_weights == "fp32" and stage >= 1 else "bf16"
-
-
-def uses_stochastic_rounding(cfg: RunConfig) -> bool:
-    """True when the run trains bf16 masters with :class:`StochasticRoundingAdamW` instead of PyTorch's AdamW."""
-    return cfg.optim.master_weights == "bf16" and cfg.optim.stochastic_rounding
 
 
 def client_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:

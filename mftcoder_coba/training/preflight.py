@@ -12,7 +12,6 @@ is allowed (a test set of some tasks), since each row is scored as the training 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,65 +24,11 @@ from mftcoder_coba.config_io import check
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import check_model
-from mftcoder_coba.models.attention import resolve_attn_implementation
-from mftcoder_coba.models.build import torch_dtype
-from mftcoder_coba.training import checkpoint, ds_config, resume_policy, threads, trackers, verified
+from mftcoder_coba.training import checkpoint, ds_config, resume_policy, trackers, verified
 from mftcoder_coba.training.best import check_metric_tasks
 from mftcoder_coba.training.eval_split import EvalSplit
+from mftcoder_coba.training.resolved import Resolved, resolve
 from mftcoder_coba.training.tokenizer_match import check_run_tokenizer
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """Every ``auto`` setting of the run, decided once here for this machine; the trainer, the model build,
-    the loss and the DeepSpeed config take these values and decide nothing again. Why: a run should say what
-    it actually did (logged at start, written to ``run_dir/resolved.yaml`` beside config.yaml)."""
-
-    attention: str
-    """transformers ``attn_implementation`` the model is built with (``model.attn_implementation``)."""
-    fused_linear_ce: bool
-    """LM head fused into the per-task CE (``train.fused_linear_ce``; ``auto``: on unless ZeRO-3)."""
-    kernel_impl: str
-    """Per-task CE backend, ``triton`` or ``torch`` (``train.kernel_impl``; ``auto``: triton on CUDA)."""
-    grad_sums: str
-    """dtype gradients are summed in over micro-batches (``train.grad_accum_dtype``; an fp32 model: fp32)."""
-    fused_adamw: bool
-    """``torch.optim.AdamW(fused=True)`` (``optim.fused``; ``auto``: on CUDA; false with stochastic rounding,
-    whose optimizer is the project's own)."""
-    cpu_threads: int | None
-    """Intra-op threads per rank on CPU (``train.cpu_threads``); null on a GPU, where torch's default stays."""
-    cpu_threads_from: str | None
-    """Where ``cpu_threads`` came from (the config field, OMP_NUM_THREADS, or cores / local ranks)."""
-    zero_stage: int
-    """The ZeRO stage in effect (``train.zero_stage``, else the DeepSpeed file's, else 0)."""
-
-    def line(self) -> str:
-        """``resolved: attention=sdpa fused_linear_ce=true ...``: the one log line at start."""
-        def text(value: Any) -> str:
-            return str(value).lower() if isinstance(value, bool) else "-" if value is None else str(value)
-        return "resolved: " + " ".join(f"{name}={text(value)}" for name, value in [
-            ("attention", self.attention), ("fused_linear_ce", self.fused_linear_ce), ("kernel", self.kernel_impl),
-            ("grad_sums", self.grad_sums), ("fused_adamw", self.fused_adamw), ("cpu_threads", self.cpu_threads),
-            ("zero_stage", self.zero_stage)])
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def resolve(cfg: RunConfig, stage: int, on_cuda: bool) -> Resolved:
-    """The ``auto`` settings of ``cfg`` for ZeRO ``stage`` on this machine (CUDA or not)."""
-    t, o = cfg.train, cfg.optim
-    cpu = None if on_cuda else threads.resolve(t.cpu_threads)
-    return Resolved(
-        attention=resolve_attn_implementation(cfg.model.attn_implementation, torch_dtype(cfg.model)),
-        fused_linear_ce=stage != 3 if t.fused_linear_ce == "auto" else bool(t.fused_linear_ce),
-        kernel_impl=("triton" if on_cuda else "torch") if t.kernel_impl == "auto" else t.kernel_impl,
-        grad_sums=ds_config.grad_accum_dtype(cfg, stage) if cfg.model.dtype == "bf16" else "fp32",
-        fused_adamw=not ds_config.uses_stochastic_rounding(cfg) and (on_cuda if o.fused == "auto" else bool(o.fused)),
-        cpu_threads=None if cpu is None else cpu.threads,
-        cpu_threads_from=None if cpu is None else cpu.reason,
-        zero_stage=stage,
-    )
 
 
 @dataclass
