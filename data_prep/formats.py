@@ -563,6 +563,11 @@ def _position(text: str | bytes, index: int, line: int, column: int) -> tuple[in
     return line + newlines, index - text.rfind(newline, 0, index)  # type: ignore[arg-type]
 
 
+TOO_DEEP = "nested too deeply to read (deeper than Python's recursion limit)"
+"""Why a record (or a part of it) nested some thousand levels deep is refused: parsing, checking and
+rendering it recurse once per level, and Python stops at its recursion limit."""
+
+
 def decode(raw: Raw, label: str, line: int, column: int = 1) -> dict[str, Any]:
     """Parse one raw record, found at ``label:line:column``, into a JSON object.
 
@@ -584,6 +589,8 @@ def decode(raw: Raw, label: str, line: int, column: int = 1) -> dict[str, Any]:
         at_line, at_column = _position(text, min(exc.pos, len(text.rstrip("\r\n"))), line, column)
         raise BadRecord("invalid_json", f"{label}:{at_line}: malformed JSON: {exc.msg} at column {at_column}"
                         ) from None
+    except RecursionError:
+        raise BadRecord("too_deep", f"{place(label, line, column)}: {TOO_DEEP}") from None
     if not isinstance(record, dict):
         raise BadRecord("not_object", f"{place(label, line, column)}: expected a JSON object, got "
                                       f"{type(record).__name__}")
@@ -641,6 +648,8 @@ def _tool_calls(turn: dict[str, Any], where: str) -> list[dict[str, Any]] | None
                 arguments = json.loads(function["arguments"])
             except json.JSONDecodeError:
                 raise BadRecord("bad_type", f"{where}: tool call arguments are not valid JSON") from None
+            except RecursionError:
+                raise BadRecord("too_deep", f"{where}: tool call arguments: {TOO_DEEP}") from None
             call = {**call, "function": {**function, "arguments": arguments}}
         out.append({k: v for k, v in call.items() if v is not None})
     return out

@@ -46,6 +46,7 @@ from mftcoder_coba.data import manifest as manifest_io
 from mftcoder_coba.data.layout import TOKENIZER_FILES, field_dtypes
 from mftcoder_coba.data_prep import fim
 from mftcoder_coba.data_prep.formats import (
+    TOO_DEEP,
     BadRecord,
     Raw,
     Source,
@@ -284,6 +285,9 @@ def _process(batch: list[Record]) -> list[Outcome]:
         except BadRecord as exc:
             outcomes[i] = ("bad", exc.reason, str(exc), 0)
             continue
+        except RecursionError:  # parsed, but too deep to check or render (a tool's arguments, say)
+            outcomes[i] = ("bad", "too_deep", f"{place(label, line, column)}: {TOO_DEEP}", 0)
+            continue
         texts.append(text)
         spans.append(sample_spans)
         slots.append(i)
@@ -328,27 +332,73 @@ class _Task:
     valid: np.ndarray  # bool per record index
     mix: MixPlan
     fim: fim.FimRate | None
+    asked: int  # held-out records asked for; more than ``valid.sum()`` when too few records are usable
 
     @property
     def records(self) -> int:
         return sum(self.counts)
 
 
-def _held_out(name: str, records: int, opts: PrepOptions) -> np.ndarray:
-    """Boolean mask of the held-out records of a task: a seeded choice, stable under task reordering."""
+def _held_out_asked(name: str, records: int, opts: PrepOptions) -> int:
+    """How many of a task's records ``--valid-samples-per-task`` / ``--valid-fraction`` ask to hold out."""
     if opts.valid_samples_per_task is not None:
         k = opts.valid_samples_per_task
         if k and k >= records:
             raise UserError(f"--valid-samples-per-task: task '{name}' has {records} records; holding out {k} "
                             "leaves none to train on")
-    else:
-        fraction = 0.05 if opts.valid_fraction is None else opts.valid_fraction
-        k = min(max(1, round(fraction * records)), records - 1) if fraction > 0 and records >= 2 else 0
+        return k
+    fraction = 0.05 if opts.valid_fraction is None else opts.valid_fraction
+    return min(max(1, round(fraction * records)), records - 1) if fraction > 0 and records >= 2 else 0
+
+
+def _held_out(name: str, sources: list[Source], records: int, opts: PrepOptions, made: PrepTokenizer,
+              work: _Work) -> tuple[np.ndarray, int, bool]:
+    """Boolean mask of the held-out records of a task, the count asked, and whether the task ran short.
+
+    Held-out records are the first records of a seeded permutation (stable under task reordering) that
+    survive prep: rendered, tokenised and length-checked as the stream will (``--overlong drop``, records
+    without loss tokens, bad records under ``--skip-bad``), so a task gets the count asked for whenever it
+    has that many usable records. Only a little more than the count asked is processed here, in rounds
+    that grow with the share that did not survive; a task with fewer usable records holds out all but one
+    of them (at least one must train) and is reported as short.
+    """
+    k = _held_out_asked(name, records, opts)
     mask = np.zeros(records, dtype=bool)
-    if k:
-        rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode("utf-8"))])
-        mask[rng.choice(records, size=k, replace=False)] = True
-    return mask
+    if not k:
+        return mask, k, False
+    order = np.random.default_rng([opts.seed, zlib.crc32(name.encode("utf-8"))]).permutation(records)
+    rate = opts.fim.get(name)
+    usable: list[int] = []
+    scanned = 0
+    while len(usable) < k and scanned < records:
+        missing = k - len(usable)
+        want = missing + missing // 8 + 16 if not scanned else 2 * missing * scanned // max(len(usable), 1) + 16
+        chosen = order[scanned:scanned + want].tolist()
+        scanned += len(chosen)
+        raw = _read_records(name, sources, set(chosen))
+        items: list[Record] = [
+            (*raw[i], None if rate is None else fim.directive(rate, opts.seed, name, i, 0)) for i in chosen]
+        batches = ((chosen[j:j + opts.batch_records], items[j:j + opts.batch_records])
+                   for j in range(0, len(items), opts.batch_records))
+        for indices, outcomes in _run_batches(batches, work, 1, made):
+            usable += [i for i, outcome in zip(indices, outcomes) if outcome[0] in _KEPT]
+    short = len(usable) < k
+    mask[usable[:len(usable) - 1 if short else k]] = True
+    return mask, k, short
+
+
+def _read_records(name: str, sources: list[Source], wanted: set[int]) -> dict[int, tuple[str, int, int, Raw]]:
+    """The records of a task at the indices ``wanted``, as ``(source label, line, column, raw)``."""
+    found = {}
+    index = 0
+    for source in sources:
+        for line, column, raw in iter_raw(source):
+            if index in wanted:
+                found[index] = (source.label, line, column, raw)
+            index += 1
+    if len(found) != len(wanted):
+        raise UserError(f"task '{name}': its files changed while being read (fewer records)")
+    return found
 
 
 def _exposures(task: _Task) -> Iterator[Exposure]:
@@ -537,6 +587,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
     fim_tokens = fim.require_tokens(facts.fim_tokens, str(tokenizer_dir), sorted(opts.fim)) \
         if any(r.rate > 0 for r in opts.fim.values()) else None
 
+    work = _Work(str(tokenizer_dir), opts.seq_len, opts.overlong)
     names = [name for name, _ in task_list]
     tasks: list[_Task] = []
     skipped_files: list[collections.Counter] = []
@@ -554,9 +605,11 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
             counts.append(n)
         if not sources:
             raise UserError(f"{path}: task '{name}' has no records")
-        valid = _held_out(name, sum(counts), opts)
+        valid, asked, short = _held_out(name, sources, sum(counts), opts, made, work)
+        if short:
+            log.warning("task '%s': %s", name, held_out_short_note(int(valid.sum()), asked))
         tasks.append(_Task(name, sources, counts, valid, plan_mix(name, opts.mix.get(name, 1.0), valid, opts.seed),
-                           opts.fim.get(name)))
+                           opts.fim.get(name), asked))
         skipped_files.append(empty)
     log.info("tasks: %s", ", ".join(f"{t.name}={t.records} records ({int(t.valid.sum())} held out)"
                                     + (f", mixed x{t.mix.factor:g}: {t.mix.train_exposures} training samples"
@@ -582,7 +635,6 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 for row in rows:
                     stats[split].add_row(row)
 
-        work = _Work(str(tokenizer_dir), opts.seq_len, opts.overlong)
         total = sum(t.mix.exposures for t in tasks)
         fim_counts = {split: [collections.Counter() for _ in tasks] for split in SPLITS}
         from tqdm import tqdm
@@ -634,7 +686,7 @@ def prepare(opts: PrepOptions) -> dict[str, Any]:
                 "seq_len": opts.seq_len, "num_rows": writers[split].rows, "dtypes": dtypes,
                 "pad_token_id": facts.pad_token_id, "template": facts.mode, "tokenizer": tokenizer_info, "tasks": names,
                 **stats[split].summary(names), "shards": shards, "arguments": opts.arguments(),
-                **_mix_and_fim(tasks, split, fim_counts[split], fim_tokens),
+                **_mix_and_fim(tasks, split, fim_counts[split], fim_tokens), **_short(tasks, split),
             }
             manifest_io.write(temp / split, manifests[split])
         mark_output(temp, OUTPUT_KIND)
@@ -695,6 +747,18 @@ def _fate(task: _Task, stats: dict[str, SplitStats], tid: int) -> str:
             counts = ", ".join(f"{reason}={n}" for reason, n in sorted(reasons.items()))
             parts.append(f"{sum(reasons.values())} {what} ({counts})")
     return ", ".join(parts)
+
+
+def held_out_short_note(held_out: int, asked: int) -> str:
+    """What a task with fewer usable records than the held-out count asked for gets, in words."""
+    return (f"{held_out} records held out of the {asked} asked: the task has only {held_out + 1} usable records "
+            "(one is kept to train on)")
+
+
+def _short(tasks: list[_Task], split: str) -> dict[str, Any]:
+    """Valid manifest entry of the tasks with fewer usable records than the held-out count asked for."""
+    short = {t.name: {"asked": t.asked, "held_out": int(t.valid.sum())} for t in tasks if t.valid.sum() < t.asked}
+    return {"held_out_short": short} if short and split == "valid" else {}
 
 
 def _mix_and_fim(tasks: list[_Task], split: str, fim_counts: list[collections.Counter],

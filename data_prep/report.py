@@ -3,7 +3,8 @@
 The decoded row shows each packed sample on its own, with the tokens that are loss targets wrapped in
 ``[[`` ``]]``: the quickest way to see that the loss covers the replies and their end marker, nothing else.
 A task without held-out rows is marked ``(!)`` in the valid table and explained under it: training runs
-anyway, but a balancer driven by held-out loss has nothing to measure that task by. Under each table come
+anyway, but a balancer driven by held-out loss has nothing to measure that task by; a task with fewer usable
+records than the held-out count asked for is named under the valid table. Under each table come
 the tasks' ``--mix`` factors (train) and how many samples were written in fill-in-the-middle form.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from mftcoder_coba.data import IGNORE_INDEX, PackedDataset
 from mftcoder_coba.data import manifest as manifest_io
-from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT
+from mftcoder_coba.data_prep.pipeline import NO_HELD_OUT, held_out_short_note
 
 COLUMNS = ("task", "samples", "rows", "tokens", "loss tok", "util %", "truncated", "dropped", "skipped")
 GAP_MARK = "(!)"
@@ -68,6 +69,8 @@ def print_tables(out: Path) -> None:
         print(task_table(manifest))
         for name in held_out_gaps(manifest):
             print(f"{GAP_MARK} task '{name}': {NO_HELD_OUT}")
+        for name, short in manifest.get("held_out_short", {}).items():
+            print(f"task '{name}': {held_out_short_note(short['held_out'], short['asked'])}")
         for line in mix_and_fim_lines(manifest):
             print(line)
         print()

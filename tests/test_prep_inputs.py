@@ -5,6 +5,7 @@ import bz2
 import gzip
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,18 @@ def test_broken_datasets_directory_is_one_line(tmp_path):
     (tmp_path / "ds" / "dataset_dict.json").write_text('{"splits": ["train"]}')
     with pytest.raises(UserError, match=r"ds: cannot load datasets directory: [^\n]*$"):
         prepare(_opts({"t": tmp_path / "ds"}, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_record_nested_100000_levels_deep_is_one_line_naming_file_and_line(tmp_path, suffix):
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "x"}'
+    good = json.dumps({"prompt": "q", "answer": "a"})
+    data = tmp_path / f"d{suffix}"
+    data.write_text(f"{good}\n{deep}\n{good}\n" if suffix == ".jsonl" else f"[{good},\n{deep},\n{good}]\n")
+    common = {"tasks": {"t": data}, "tokenizer": TOKENIZER_DIR, "seq_len": 64, "valid_samples_per_task": 0,
+              "progress": False}
+    with pytest.raises(UserError, match=rf"/d{re.escape(suffix)}:2(:1)?: nested too deeply to read"):
+        prepare(PrepOptions(out=tmp_path / "out", **common))
+    assert not (tmp_path / "out").exists()
+    train = prepare(PrepOptions(out=tmp_path / "out", skip_bad=True, **common))
+    assert train["task_stats"]["t"]["skipped"] == {"too_deep": 1} and train["task_stats"]["t"]["samples"] == 2

@@ -95,7 +95,7 @@ def test_out_inside_a_run_directory_is_refused(tmp_path):
 @pytest.mark.parametrize("kwargs,lines,why", [
     (dict(skip_bad=True), ['{"prompt": "q"}'] * 6, r"6 skipped \(missing_field=6\)"),
     (dict(overlong="drop", valid_samples_per_task=1), [json.dumps({"text": "word " * 200})] * 4,
-     r"1 of its 4 records held out, 4 dropped \(overlong=4\)"),
+     r"0 of its 4 records held out, 4 dropped \(overlong=4\)"),  # none usable: none held out
 ])
 def test_a_task_without_training_rows_is_refused_and_nothing_written(tmp_path, kwargs, lines, why):
     good = _write(tmp_path / "good.jsonl", GOOD)
