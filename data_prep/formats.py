@@ -656,13 +656,15 @@ def _tool_calls(turn: dict[str, Any], where: str) -> list[dict[str, Any]] | None
 
 
 def _chat(rounds: Any, field: str, where: str, keys: tuple[str, str] = ("role", "content"),
-          tools: Any = None, context_turns: int = 0) -> Chat:
+          tools: Any = None, context_turns: int = 0, record_system: str | None = None) -> Chat:
     """A conversation from a list of turns whose role and text sit under ``keys``.
 
     Turns alternate user/assistant after an optional leading system turn; a conversation with tool turns
     or assistant ``tool_calls`` may also have tool turns after an assistant turn that called tools. The
     first ``context_turns`` turns (a prompt given apart from its completion) never carry the loss. Turns
-    after the last assistant turn that carries the loss are dropped: no target reads them.
+    after the last assistant turn that carries the loss are dropped: no target reads them. A record-level
+    ``system`` field (LLaMA-Factory's ShareGPT layout keeps it there) is the system prompt of turns without
+    a system turn; a record with both, differing, is refused rather than one of them silently dropped.
     """
     role_key, content_key = keys
     if not isinstance(rounds, list):
@@ -723,6 +725,13 @@ def _chat(rounds: Any, field: str, where: str, keys: tuple[str, str] = ("role", 
         messages.append(message)
     if not turns:
         raise BadRecord("empty_field", f"{where}: field '{field}' has no user/assistant turns")
+    if record_system is not None:
+        if system is None:
+            system = record_system
+            messages.insert(0, {"role": "system", "content": system})
+        elif system != record_system:
+            raise BadRecord("two_system_prompts", f"{where}: field 'system' and the system turn of '{field}' "
+                                                  "differ: give the system prompt once")
     if turns[-1][0] != "assistant":
         raise BadRecord("turn_order", f"{where}: field '{field}': the last turn must be from the assistant")
     if not any(trained):
@@ -751,13 +760,13 @@ def _history(record: dict[str, Any], where: str) -> list[tuple[str, str]]:
     return [turn for query, response in history for turn in (("user", query), ("assistant", response))]
 
 
-def _prompt_completion(record: dict[str, Any], where: str) -> Chat | Completion:
+def _prompt_completion(record: dict[str, Any], where: str, system: str | None) -> Chat | Completion:
     """TRL's prompt-completion: plain strings (trained as raw text on the completion, no template, as TRL
     does), or message lists (conversational: the prompt's turns are context, the completion's are learned)."""
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):
         return _chat(prompt + completion, "prompt+completion", where, tools=record.get("tools"),
-                     context_turns=len(prompt))
+                     context_turns=len(prompt), record_system=system)
     if isinstance(prompt, list) or isinstance(completion, list):
         raise BadRecord("bad_type", f"{where}: fields 'prompt' and 'completion' must both be strings or both "
                                     "message lists")
@@ -766,17 +775,17 @@ def _prompt_completion(record: dict[str, Any], where: str) -> Chat | Completion:
 
 def normalise(record: dict[str, Any], where: str) -> Chat | Completion | Text:
     """Detect the record's format and return it as a :class:`Chat`, :class:`Completion` or :class:`Text`."""
+    system = _text_field(record, "system", where) if record.get("system") is not None else None
     for field in CHAT_FIELDS:
         if field in record and (field == "chat_rounds" or isinstance(record[field], list)):
-            return _chat(record[field], field, where)
+            return _chat(record[field], field, where, record_system=system)
     if record.get("messages") is not None:  # OpenAI / TRL
-        return _chat(record["messages"], "messages", where, tools=record.get("tools"))
+        return _chat(record["messages"], "messages", where, tools=record.get("tools"), record_system=system)
     if record.get("conversations") is not None:  # ShareGPT
         return _chat(record["conversations"], "conversations", where, keys=("from", "value"),
-                     tools=record.get("tools"))
+                     tools=record.get("tools"), record_system=system)
     if record.get("prompt") is not None and record.get("completion") is not None:
-        return _prompt_completion(record, where)
-    system = _text_field(record, "system", where) if record.get("system") is not None else None
+        return _prompt_completion(record, where, system)
     for prompt_field, answer_field in PROMPT_ANSWER_FIELDS:
         if prompt_field in record and answer_field in record:
             prompt = _text_field(record, prompt_field, where)

@@ -91,6 +91,24 @@ def test_sharegpt_conversations_with_weight_zero_and_trailing_context_dropped(to
     assert runs == ["a1" + EOS] and "q2" not in whole
 
 
+def test_a_record_level_system_is_kept_for_sharegpt_and_messages_records(tokenizer):
+    """LLaMA-Factory's ShareGPT layout keeps the system prompt beside the turns, not among them."""
+    turns = [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]
+    sharegpt = {"system": "Be brief.", "conversations": turns}
+    messages = {"system": "Be brief.", "messages": [{"role": "user", "content": "q1"},
+                                                    {"role": "assistant", "content": "a1"}]}
+    conversational = {"system": "Be brief.", "prompt": [{"role": "user", "content": "q1"}],
+                      "completion": [{"role": "assistant", "content": "a1"}]}
+    for record in (sharegpt, messages, conversational):
+        assert normalise(record, "w") == Chat("Be brief.", (("user", "q1"), ("assistant", "a1")))
+        runs, whole = _loss_runs(tokenizer, record)
+        assert runs == ["a1" + EOS] and whole.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    same = {"system": "Be brief.", "conversations": [{"from": "system", "value": "Be brief."}, *turns]}
+    assert normalise(same, "w") == Chat("Be brief.", (("user", "q1"), ("assistant", "a1")))
+    with pytest.raises(BadRecord, match="w: field 'system' and the system turn of 'conversations' differ"):
+        normalise({"system": "Other.", "conversations": [{"from": "system", "value": "Be brief."}, *turns]}, "w")
+
+
 def test_trl_prompt_completion_plain_is_raw_text_and_conversational_learns_the_completion(tokenizer):
     runs, whole = _loss_runs(tokenizer, {"prompt": "def square(x):\n", "completion": "    return x * x\n"})
     assert normalise({"prompt": "p", "completion": "c"}, "w") == Completion("p", "c")
