@@ -18,7 +18,7 @@ from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.problems import load_benchmark, read_problems, truncate_at_stop
 from mftcoder_coba.evaluation.prompts import CHAT_INSTRUCTION, Sampling, extract_completion, render_prompt
-from mftcoder_coba.evaluation.sandbox import KINDS, Limits, run_program
+from mftcoder_coba.evaluation.sandbox import KINDS, Limits, isolation_problem, run_program
 
 # (task_id, canonical solution of ``def f(x):`` whose test wants f(2) == 4, the outcome it must get)
 BAD_SOLUTIONS = [
@@ -55,6 +55,7 @@ def test_humaneval_canonical_solutions_all_pass(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     assert summary["problems"] == 164 and summary["n"] == 1
     assert summary["pass@1"] == 1.0 and summary["outcomes"] == {"passed": 164}
+    assert summary["sandbox"] == ("isolated" if isolation_problem() is None else "guarded")  # --sandbox auto
     samples = [json.loads(line) for line in (tmp_path / "self.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 164 and all(s["passed"] and s["status"] == "passed" for s in samples)
     assert {"task_id", "completion", "passed", "status", "seconds"} <= set(samples[0])

@@ -72,6 +72,13 @@ assert open("mine.txt").read() == "scratch is writable"
     assert not written.exists() and not Path("/etc/mftcoder-escape").exists() and not Path("escape").exists()
 
 
+def test_folders_named_by_the_harness_are_hidden() -> None:
+    """eval-code hides its TARGET (a run or model) and output paths this way; /usr/share stands in for one."""
+    program = "import os\nprint(len(os.listdir('/usr/share')))\n"
+    assert int(run(program, Limits(timeout=5, sandbox="isolated")).output) > 0
+    assert int(run(program, Limits(timeout=5, sandbox="isolated", hidden=("/usr/share",))).output) == 0
+
+
 def test_a_private_key_in_home_cannot_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -206,6 +213,7 @@ with tempfile.NamedTemporaryFile("w", dir=".", delete=False) as handle:
     handle.write("ok")
 assert open(handle.name).read() == "ok" and os.environ["HOME"] == os.getcwd()
 os.makedirs("a/b"); open("a/b/c", "w").write(json.dumps({"x": math.pi}))
+print("to nowhere", file=open(os.devnull, "w")); assert len(os.urandom(4)) == 4
 print(hashlib.sha256(b"x").hexdigest()[:8], re.sub("a", "b", "aa"), collections.Counter("aab")["a"])
 """)
     assert outcome.passed and "2d711642 bb 2" in outcome.output, outcome

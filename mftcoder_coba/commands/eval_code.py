@@ -83,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--timeout/--memory-mb: {exc}") from None
     limits = sandbox_limits(limits, args.sandbox)
+    written = [path.resolve().parent for path in (args.out, args.samples) if path is not None]
+    limits = replace(limits, hidden=tuple(str(p) for p in [args.target and args.target.resolve(), *written] if p))
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     n = 1 if args.self_check else args.n
@@ -98,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--limit must be >= 1, got {args.limit}")
         problems = problems[:args.limit]
     settings = {"benchmark": bench, "benchmark_source": args.benchmark, "k": ks,
-                "timeout": limits.timeout, "memory_mb": limits.memory_mb, "sandbox": limits.sandbox}
+                "timeout": limits.timeout, "memory_mb": limits.memory_mb}
     if args.self_check:
         if args.target is not None or args.all_checkpoints:
             raise UserError("--self-check runs the benchmark's own solutions; give no TARGET / --all-checkpoints")

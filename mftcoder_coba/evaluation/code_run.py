@@ -114,7 +114,8 @@ def score(problems: list[Problem], completions: list[list[str]], ks: list[int], 
             log.info("executed %d/%d samples", done, total)
 
     results = execute(problems, completions, limits, workers, progress)
-    summary = {**settings, **summarize(results, ks), "execution_seconds": round(time.monotonic() - start, 2)}
+    summary = {**settings, "sandbox": limits.sandbox, **summarize(results, ks),
+               "execution_seconds": round(time.monotonic() - start, 2)}
     return summary, results
 
 

@@ -18,8 +18,9 @@ it imports nothing of the package):
   and the kernel then kills everything left in it: a ``setsid`` child started through ``ctypes`` included;
 - the whole filesystem read-only (``mount_setattr``, recursive), with empty read-only ``tmpfs`` over the places
   that hold users' and other samples' data (``/home``, ``/root``, ``$HOME``, the harness's working directory,
-  ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run``, ``/mnt``, ``/media``); the interpreter's own library folders
-  (``sys.path``) are bound back read-only where they lie below one of those;
+  ``/tmp``, ``/var/tmp``, ``/run``, ``/mnt``, ``/media``, and what the harness adds); the interpreter's own
+  library folders (``sys.path``) are bound back read-only where they lie below one of those; a ``/dev`` with
+  only null, zero, full, random and urandom (no GPU, disk or terminal, no ``/dev/shm``);
 - the scratch directory (the sample's working directory and ``HOME``) is a fresh ``tmpfs`` of ``scratch_bytes``:
   filling it fills only that, and it vanishes with the namespace;
 - a fresh ``/proc`` of the PID namespace (an empty ``tmpfs`` where the kernel refuses one);
@@ -42,7 +43,9 @@ _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture since Linux 5.12
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
 _NOBODY = 65534
-ALWAYS_HIDDEN = ("/home", "/root", "/tmp", "/var/tmp", "/dev/shm", "/run", "/mnt", "/media")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+"""The device nodes a sample sees in its /dev (no GPU, disk or terminal device, no /dev/shm)."""
+ALWAYS_HIDDEN = ("/home", "/root", "/tmp", "/var/tmp", "/run", "/mnt", "/media")
 """Folders replaced by an empty read-only tmpfs in every isolated sample (besides $HOME and the run directory)."""
 
 
@@ -113,6 +116,14 @@ def _hide(scratch: str, hidden: list[str]) -> None:
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     _set_attr("/", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, recursive=True)
     _set_attr("/proc", 0, recursive=False, clear=_MOUNT_ATTR_RDONLY)  # the id maps are written there; replaced later
+    devices = [(name, os.open(f"/dev/{name}", os.O_PATH)) for name in _DEVICES]
+    _tmpfs("/dev", 1 << 16)
+    for name, fd in devices:
+        open(f"/dev/{name}", "w").close()
+        _mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, _MS_BIND)
+        _set_attr(f"/dev/{name}", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, recursive=False, clear=_MOUNT_ATTR_NODEV)
+        os.close(fd)
+    _set_attr("/dev", _MOUNT_ATTR_RDONLY, recursive=False)
     covered: list[str] = []
     for folder in sorted({os.path.realpath(p) for p in hidden}, key=len):
         if folder == "/" or not os.path.isdir(folder) or any(_below(folder, c) for c in covered):
@@ -144,6 +155,7 @@ def _in_pid_namespace(scratch: str, scratch_bytes: int) -> None:
         _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     except SetupError:  # a container's /proc with masked paths: the kernel refuses a new one; hide it instead
         _tmpfs("/proc", 4096)
+        _set_attr("/proc", _MOUNT_ATTR_RDONLY, recursive=False)
     _tmpfs(scratch, scratch_bytes)
     os.chdir(scratch)
     _drop_privileges()

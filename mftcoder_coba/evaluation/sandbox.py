@@ -72,6 +72,9 @@ class Limits:
     """``isolated`` (namespaces) or ``guarded`` (limits and Python guards only); see :func:`resolve_mode`."""
     scratch_mb: int = 64
     """Isolated: size of the sample's scratch tmpfs (its working directory), in MiB."""
+    hidden: tuple[str, ...] = ()
+    """Isolated: folders shown empty besides $HOME, the current directory and the system's (e.g. the run being
+    scored)."""
 
     def validate(self) -> None:
         if not self.timeout > 0:
@@ -115,7 +118,7 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
     child_limits = json.dumps({"cpu_seconds": math.ceil(limits.timeout) + 1, "memory_bytes": limits.memory_mb << 20,
                                "file_bytes": limits.file_mb << 20, "token_fd": token_read,
                                "isolated": limits.sandbox == "isolated", "scratch_bytes": limits.scratch_mb << 20,
-                               "hidden": [str(Path.home()), os.getcwd()]})
+                               "hidden": [str(Path.home()), os.getcwd(), *limits.hidden]})
     work = Path(tempfile.mkdtemp(prefix="mftcoder-sandbox-"))
     read_end, write_end = os.pipe()
     try:

@@ -1,7 +1,7 @@
 """The first code of a sandboxed interpreter: lower the limits, run the program, report how it ended.
 
 Started by :func:`mftcoder_coba.evaluation.sandbox.run_program` as ``python -I sandbox_child.py STATUS_FD
-LIMITS_JSON PROGRAM``. It imports nothing of this package but ``isolation.py`` beside it (loaded by path, for
+LIMITS_JSON PROGRAM``. It imports nothing of this package but ``isolation.py`` beside it (imported from this folder, for
 ``--sandbox isolated``: the namespaces, see there) and runs before the untrusted program, so the program starts
 behind the boundary and with the limits already in place:
 
@@ -18,9 +18,11 @@ for a report. It is a secret from the program's output, not from its interpreter
 frames of this process can find it, and can undo the Python guards (``ctypes``); only the namespaces of
 ``isolation.py`` hold against that.
 """
+import _posixsubprocess
 import json
 import os
 import resource
+import subprocess  # imported here, before an isolated sandbox forks: not once more in every sample
 import sys
 
 _KINDS_BY_EXCEPTION = (("failed", AssertionError), ("memory", MemoryError), ("exited", SystemExit))
@@ -41,9 +43,6 @@ def _forbid(*_args, **_kwargs):
 
 
 def _guard_process_creation() -> None:
-    import _posixsubprocess
-    import subprocess
-
     for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve", "execvp",
                  "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
                  "spawnl", "spawnle", "spawnlp", "spawnlpe"):
@@ -64,12 +63,11 @@ def _classify(exc: BaseException) -> str:
 
 def _isolate(status_fd: int, token: str, limits: dict, source: str, program: str) -> None:
     """Enter the namespaces (the program's process returns), then put the program into the fresh scratch folder."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_mftcoder_isolation",
-                                                  os.path.join(os.path.dirname(__file__), "isolation.py"))
-    isolation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(isolation)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # not importlib.util: 15 ms more per sample
+    try:
+        import isolation
+    finally:
+        del sys.path[0]
 
     def fail(message: str) -> None:
         os.write(status_fd, json.dumps({"status": "setup", "detail": message, "token": token}).encode("utf-8"))
@@ -112,6 +110,7 @@ def main() -> None:
             pass
     os.write(status_fd, json.dumps({"status": status, "detail": detail, "token": token}).encode("utf-8"))
     os.close(status_fd)
+    os._exit(0)  # the report is out: no interpreter shutdown (in a forked sample it copies the whole heap)
 
 
 if __name__ == "__main__":
