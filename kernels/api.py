@@ -14,6 +14,11 @@ so padding may carry any task id (``-1`` by this project's data convention).
 
 Modes (keyword-only):
 
+- ``logit_scale=s, softcap=c``: the loss is taken over the model's transformed logits ``z = s * x`` (Cohere's
+  ``logit_scale``, Granite's ``1 / logits_scaling``), then ``z = c * tanh(z / c)`` when ``c`` is not 0 or None
+  (Gemma 2/3's ``final_logit_softcapping``), applied inside the kernels' tiles; gradients are those of the
+  raw logits (or hidden states, weight and bias), as a model's own forward + loss would give.
+
 - ``check=True`` (or the environment variable ``MFTCODER_COBA_CHECK_IDS=1``): before the kernel, raise
   :class:`~mftcoder_coba.errors.UserError` naming the first token whose label is outside ``[0, V)`` or whose
   task id is outside ``[0, T)`` while its label is not ignored. It reads a flag back to the host, so it
@@ -96,6 +101,15 @@ def _nonempty_vocab(n_vocab: int, what: str) -> None:
         raise ValueError(f"{what} has a vocabulary of size 0: there is no class to take a cross-entropy over")
 
 
+def _transform_args(logit_scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(logit_scale, softcap)`` as the kernels take them (softcap 0 = none); one line for a bad value."""
+    if not isinstance(logit_scale, (int, float)) or not 0 < float(logit_scale) < float("inf"):
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not 0 <= float(softcap) < float("inf")):
+        raise ValueError(f"softcap must be None or a finite number >= 0, got {softcap!r}")
+    return float(logit_scale), float(softcap or 0.0)
+
+
 def _prepare_ids(labels, task_ids, task_scale, n_rows: int, device: torch.device):
     _tensor("labels", labels, "int")
     _tensor("task_ids", task_ids, "int")
@@ -123,12 +137,15 @@ def task_cross_entropy(
     *,
     inplace: bool = False,
     check: bool | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-task cross-entropy over (N, V) logits; see the module docstring for the outputs and modes."""
     if _tensor("logits", logits, "float").dim() != 2:
         raise ValueError(f"logits must be a floating (N, V) tensor, got {logits.dtype} {tuple(logits.shape)}")
     _nonempty_vocab(logits.shape[1], "logits")
     backend = _backend(impl, logits.device)
+    logit_scale, softcap = _transform_args(logit_scale, softcap)
     labels, task_ids, task_scale = _prepare_ids(labels, task_ids, task_scale, logits.shape[0], logits.device)
     if _checking(check):
         _check_ids(labels, task_ids, logits.shape[1], task_scale.numel(), ignore_index)
@@ -137,8 +154,9 @@ def task_cross_entropy(
             raise ValueError("inplace=True needs logits whose rows are contiguous (stride(-1) == 1)")
         logits = logits.contiguous()
     if torch.is_grad_enabled() and logits.requires_grad:
-        return ops.TaskCrossEntropy.apply(logits, labels, task_ids, task_scale, ignore_index, backend, inplace)
-    return backend.stats(logits.detach(), labels, task_ids, task_scale, ignore_index)
+        return ops.TaskCrossEntropy.apply(logits, labels, task_ids, task_scale, ignore_index, backend, inplace,
+                                          logit_scale, softcap)
+    return backend.stats(logits.detach(), labels, task_ids, task_scale, ignore_index, logit_scale, softcap)
 
 
 def linear_task_cross_entropy(
@@ -153,6 +171,8 @@ def linear_task_cross_entropy(
     *,
     check: bool | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-task cross-entropy of ``hidden @ weight.T + bias`` without forming the (N, V) logits.
 
@@ -173,16 +193,17 @@ def linear_task_cross_entropy(
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     _nonempty_vocab(weight.shape[0], "weight")
     backend = _backend(impl, hidden.device)
+    logit_scale, softcap = _transform_args(logit_scale, softcap)
     labels, task_ids, task_scale = _prepare_ids(labels, task_ids, task_scale, hidden.shape[0], hidden.device)
     if _checking(check):
         _check_ids(labels, task_ids, weight.shape[0], task_scale.numel(), ignore_index)
     params = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return ops.LinearTaskCrossEntropy.apply(
-            hidden, weight, bias, labels, task_ids, task_scale, ignore_index, backend, chunk_bytes
+            hidden, weight, bias, labels, task_ids, task_scale, ignore_index, backend, chunk_bytes, logit_scale, softcap
         )
     loss, sums, counts, *_ = backend.linear(
         hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, task_ids, task_scale,
-        ignore_index, False, False, False, chunk_bytes,
+        ignore_index, False, False, False, chunk_bytes, logit_scale, softcap,
     )
     return loss, sums, counts

@@ -45,10 +45,15 @@ def linear_task_ce(
     need_dweight: bool,
     need_dbias: bool,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, task_loss_sum, task_token_count, dhidden, dweight, dbias) for ``loss`` as in
     ``task_cross_entropy`` over ``hidden @ weight.T + bias``. Gradients not asked for come back as empty
     tensors; with none asked for, nothing but the per-chunk logits is written.
+
+    ``logit_scale`` / ``softcap`` (0 = none): the model's logit transform, applied by ``rows_fn`` inside its
+    tiles, which writes the gradient of the raw logits, so the three products below need nothing more.
 
     ``rows_fn`` / ``reduce_fn`` are a backend's ``task_ce_rows`` / ``task_reduce`` (Triton or PyTorch).
     """
@@ -67,7 +72,7 @@ def linear_task_ce(
         h = hidden[start:stop]
         logits = torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
         rows_fn(logits, labels[start:stop], task_ids[start:stop], task_scale, ignore_index, row_ce[start:stop],
-                logits if want_grad else None)
+                logits if want_grad else None, logit_scale=logit_scale, softcap=softcap)
         if need_dhidden:
             torch.mm(logits, weight, out=dhidden[start:stop])
         if need_dweight:

@@ -23,19 +23,21 @@ from . import task_ce_torch as _torch_ce
 Tensor = torch.Tensor
 
 
-def _rows_then_reduce(rows_fn, reduce_fn, logits, labels, task_ids, task_scale, ignore_index, grad):
+def _rows_then_reduce(rows_fn, reduce_fn, logits, labels, task_ids, task_scale, ignore_index, grad, logit_scale,
+                      softcap):
     """A backend's row pass (writing ``grad`` when given) followed by its per-task reduction."""
     row_ce = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    rows_fn(logits, labels, task_ids, task_scale, ignore_index, row_ce, grad)
+    rows_fn(logits, labels, task_ids, task_scale, ignore_index, row_ce, grad, logit_scale=logit_scale,
+            softcap=softcap)
     return reduce_fn(row_ce, labels, task_ids, task_scale, ignore_index, logits.shape[1])
 
 
 # ---------------------------------------------------------------- Triton custom ops
-def _triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, grad):
+def _triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, grad, logit_scale, softcap):
     from . import task_ce_triton
 
     return _rows_then_reduce(task_ce_triton.task_ce_rows, task_ce_triton.task_reduce, logits, labels, task_ids,
-                             task_scale, ignore_index, grad)
+                             task_scale, ignore_index, grad, logit_scale, softcap)
 
 
 def _fake_stats(task_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,38 +51,42 @@ def _fake_stats(task_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op("mftcoder_coba::task_ce_stats", mutates_args=())
 def _triton_stats(
-    logits: Tensor, labels: Tensor, task_ids: Tensor, task_scale: Tensor, ignore_index: int
+    logits: Tensor, labels: Tensor, task_ids: Tensor, task_scale: Tensor, ignore_index: int, logit_scale: float,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, None)
+    return _triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, None, logit_scale, softcap)
 
 
 @_triton_stats.register_fake
-def _(logits, labels, task_ids, task_scale, ignore_index):
+def _(logits, labels, task_ids, task_scale, ignore_index, logit_scale, softcap):
     return _fake_stats(task_scale)
 
 
 @torch.library.custom_op("mftcoder_coba::task_ce_grad", mutates_args=())
 def _triton_grad(
-    logits: Tensor, labels: Tensor, task_ids: Tensor, task_scale: Tensor, ignore_index: int
+    logits: Tensor, labels: Tensor, task_ids: Tensor, task_scale: Tensor, ignore_index: int, logit_scale: float,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return (*_triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, grad), grad)
+    return (*_triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, grad, logit_scale, softcap),
+            grad)
 
 
 @_triton_grad.register_fake
-def _(logits, labels, task_ids, task_scale, ignore_index):
+def _(logits, labels, task_ids, task_scale, ignore_index, logit_scale, softcap):
     return (*_fake_stats(task_scale), torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
 @torch.library.custom_op("mftcoder_coba::task_ce_grad_inplace", mutates_args=("logits",))
 def _triton_grad_inplace(
-    logits: Tensor, labels: Tensor, task_ids: Tensor, task_scale: Tensor, ignore_index: int
+    logits: Tensor, labels: Tensor, task_ids: Tensor, task_scale: Tensor, ignore_index: int, logit_scale: float,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, logits)
+    return _triton_rows_then_reduce(logits, labels, task_ids, task_scale, ignore_index, logits, logit_scale, softcap)
 
 
 @_triton_grad_inplace.register_fake
-def _(logits, labels, task_ids, task_scale, ignore_index):
+def _(logits, labels, task_ids, task_scale, ignore_index, logit_scale, softcap):
     return _fake_stats(task_scale)
 
 
@@ -118,43 +124,45 @@ def _triton_linear(
     need_dweight: bool,
     need_dbias: bool,
     chunk_bytes: int,
+    logit_scale: float,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from . import task_ce_triton
 
     return _linear.linear_task_ce(
         task_ce_triton.task_ce_rows, task_ce_triton.task_reduce, hidden, weight, bias, labels, task_ids, task_scale,
-        ignore_index, need_dhidden, need_dweight, need_dbias, chunk_bytes,
+        ignore_index, need_dhidden, need_dweight, need_dbias, chunk_bytes, logit_scale, softcap,
     )
 
 
 @_triton_linear.register_fake
 def _(hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dhidden, need_dweight, need_dbias,
-      chunk_bytes):
+      chunk_bytes, logit_scale, softcap):
     return _fake_linear(hidden, weight, bias, need_dhidden, need_dweight, need_dbias, task_scale)
 
 
 # ---------------------------------------------------------------- PyTorch backend, same signatures
-def _torch_stats(logits, labels, task_ids, task_scale, ignore_index):
+def _torch_stats(logits, labels, task_ids, task_scale, ignore_index, logit_scale, softcap):
     return _rows_then_reduce(_torch_ce.task_ce_rows, _torch_ce.task_reduce, logits, labels, task_ids, task_scale,
-                             ignore_index, None)
+                             ignore_index, None, logit_scale, softcap)
 
 
-def _torch_grad(logits, labels, task_ids, task_scale, ignore_index):
+def _torch_grad(logits, labels, task_ids, task_scale, ignore_index, logit_scale, softcap):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     return (*_rows_then_reduce(_torch_ce.task_ce_rows, _torch_ce.task_reduce, logits, labels, task_ids, task_scale,
-                               ignore_index, grad), grad)
+                               ignore_index, grad, logit_scale, softcap), grad)
 
 
-def _torch_grad_inplace(logits, labels, task_ids, task_scale, ignore_index):
+def _torch_grad_inplace(logits, labels, task_ids, task_scale, ignore_index, logit_scale, softcap):
     return _rows_then_reduce(_torch_ce.task_ce_rows, _torch_ce.task_reduce, logits, labels, task_ids, task_scale,
-                             ignore_index, logits)
+                             ignore_index, logits, logit_scale, softcap)
 
 
 def _torch_linear(hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dh, need_dw, need_db,
-                  chunk_bytes):
+                  chunk_bytes, logit_scale, softcap):
     return _linear.linear_task_ce(
         _torch_ce.task_ce_rows, _torch_ce.task_reduce, hidden, weight, bias, labels, task_ids, task_scale,
-        ignore_index, need_dh, need_dw, need_db, chunk_bytes,
+        ignore_index, need_dh, need_dw, need_db, chunk_bytes, logit_scale, softcap,
     )
 
 
@@ -188,12 +196,14 @@ class TaskCrossEntropy(torch.autograd.Function):
     """loss, sums, counts with the logits' gradient made in forward; ``inplace`` writes it over the logits."""
 
     @staticmethod
-    def forward(ctx, logits, labels, task_ids, task_scale, ignore_index, backend, inplace):
+    def forward(ctx, logits, labels, task_ids, task_scale, ignore_index, backend, inplace, logit_scale, softcap):
         if inplace:
-            loss, sums, counts = backend.grad_inplace(logits, labels, task_ids, task_scale, ignore_index)
+            loss, sums, counts = backend.grad_inplace(logits, labels, task_ids, task_scale, ignore_index, logit_scale,
+                                                      softcap)
             grad = logits
         else:
-            loss, sums, counts, grad = backend.grad(logits, labels, task_ids, task_scale, ignore_index)
+            loss, sums, counts, grad = backend.grad(logits, labels, task_ids, task_scale, ignore_index, logit_scale,
+                                                    softcap)
         ctx.save_for_backward(grad)
         ctx.backend = backend
         ctx.mark_non_differentiable(sums, counts)
@@ -204,18 +214,20 @@ class TaskCrossEntropy(torch.autograd.Function):
         _take_once(ctx)
         (grad,) = ctx.saved_tensors
         ctx.backend.scale_(grad, grad_loss)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 class LinearTaskCrossEntropy(torch.autograd.Function):
     """loss, sums, counts of ``hidden @ weight.T + bias``; all gradients made in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, task_ids, task_scale, ignore_index, backend, chunk_bytes):
+    def forward(ctx, hidden, weight, bias, labels, task_ids, task_scale, ignore_index, backend, chunk_bytes,
+                logit_scale, softcap):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         loss, sums, counts, dh, dw, db = backend.linear(
-            hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dh, need_dw, need_db, chunk_bytes
+            hidden, weight, bias, labels, task_ids, task_scale, ignore_index, need_dh, need_dw, need_db, chunk_bytes,
+            logit_scale, softcap,
         )
         ctx.save_for_backward(dh, dw, db)
         ctx.backend = backend
@@ -233,4 +245,4 @@ class LinearTaskCrossEntropy(torch.autograd.Function):
                 grads.append(buf)
             else:
                 grads.append(None)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)

@@ -27,15 +27,22 @@ def task_ce_rows(
     row_ce: torch.Tensor,
     grad: torch.Tensor | None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> None:
     """Same contract as ``task_ce_triton.task_ce_rows``: per-row ce into ``row_ce`` (0 where not counted),
-    ``task_scale[t] * (softmax - onehot)`` into ``grad`` when given (``grad`` may be ``logits``)."""
+    ``task_scale[t] * (softmax - onehot)`` into ``grad`` when given (``grad`` may be ``logits``), of the
+    transformed logits ``z`` (:func:`transform_logits`), the gradient taken with respect to the raw ones."""
     n_rows, n_vocab = logits.shape
     n_tasks = task_scale.numel()
     rows_per_chunk = max(1, chunk_bytes // (4 * max(n_vocab, 1)))
     for start in range(0, n_rows, rows_per_chunk):
         stop = min(start + rows_per_chunk, n_rows)
         x = logits[start:stop].to(torch.float32, copy=True)
+        dz = None
+        if logit_scale != 1.0 or softcap:
+            x, dz = transform_logits(x, logit_scale, softcap)
         label = labels[start:stop]
         task = task_ids[start:stop]
         valid = counted(label, task, n_vocab, n_tasks, ignore_index)
@@ -55,7 +62,23 @@ def task_ce_rows(
         label_grad = (torch.exp(shifted_label - log_d) - 1.0) * coef
         x.sub_(log_d).exp_().mul_(coef)
         x.scatter_(1, safe_label, label_grad)
+        if dz is not None:
+            x.mul_(dz)
         grad[start:stop] = x
+
+
+def transform_logits(x: torch.Tensor, logit_scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``(z, dz/dx)`` of a model's logit transform: ``z = logit_scale * x``, then ``softcap * tanh(z / softcap)``
+    when ``softcap`` is not 0. Works in float64 too (the test reference)."""
+    z = x * logit_scale
+    if not softcap:
+        return z, logit_scale
+    # tanh and 1 - tanh**2 from t = exp(-2|y|): 1 - tanh**2 = 4t / (1 + t)**2 keeps its digits where tanh
+    # saturates (1 - th * th cancels there)
+    y = z / softcap
+    t = torch.exp(-2.0 * y.abs())
+    th = torch.copysign((1.0 - t) / (1.0 + t), y)
+    return th * softcap, logit_scale * 4.0 * t / (1.0 + t) ** 2
 
 
 def task_reduce(
@@ -95,6 +118,9 @@ def reference_task_cross_entropy(
     task_ids: torch.Tensor,
     task_scale: torch.Tensor,
     ignore_index: int = -100,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The objective in float64 with autograd, for tests: the same outputs as ``task_cross_entropy``.
 
@@ -104,7 +130,8 @@ def reference_task_cross_entropy(
     n_vocab, n_tasks = logits.shape[1], task_scale.numel()
     valid = counted(labels, task_ids, n_vocab, n_tasks, ignore_index)
     safe_label = torch.where(valid, labels, ignore_index).long()
-    ce = F.cross_entropy(logits.double(), safe_label, ignore_index=ignore_index, reduction="none")
+    z = transform_logits(logits.double(), logit_scale, softcap)[0]
+    ce = F.cross_entropy(z, safe_label, ignore_index=ignore_index, reduction="none")
     safe_task = torch.where(valid, task_ids, 0).long()
     sums = torch.zeros(n_tasks, dtype=torch.float64, device=logits.device).index_add(0, safe_task, ce)
     counts = torch.zeros(n_tasks, dtype=torch.int64, device=logits.device).index_add_(0, safe_task, valid.long())

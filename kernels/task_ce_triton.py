@@ -40,12 +40,30 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _lse_block(row_ptr, cols, stop, m, d, MASKED: tl.constexpr):
-    """Fold one block of logits into the running (max m, sum of exp(x - m) d), natural-log units."""
+def _transform(x, scale, softcap, SOFTCAP: tl.constexpr):
+    """The model's logit transform on raw head outputs ``x`` (float32) and its derivative ``dz/dx``:
+    ``z = scale * x`` (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), then, with ``SOFTCAP``,
+    ``z = softcap * tanh(z / softcap)`` (Gemma 2/3's ``final_logit_softcapping``). tanh is formed from one
+    ``exp2`` of ``-2|y|`` so it saturates to +-1 instead of overflowing."""
+    z = x * scale
+    if SOFTCAP:
+        t = tl.exp2(tl.abs(z) * (-2.0 * _LOG2E / softcap))
+        th = (1.0 - t) / (1.0 + t)
+        th = tl.where(z < 0, -th, th)
+        # 1 - tanh**2 = 4t / (1 + t)**2: 1 - th * th would cancel where tanh saturates
+        return softcap * th, scale * 4.0 * t / ((1.0 + t) * (1.0 + t))
+    return z, scale
+
+
+@triton.jit
+def _lse_block(row_ptr, cols, stop, m, d, scale, softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold one block of (transformed) logits into the running (max m, sum of exp(z - m) d), natural-log units."""
     if MASKED:
-        x = tl.load(row_ptr + cols, mask=cols < stop, other=float("-inf")).to(tl.float32)
+        mask = cols < stop
+        x, _ = _transform(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), scale, softcap, SOFTCAP)
+        x = tl.where(mask, x, float("-inf"))
     else:
-        x = tl.load(row_ptr + cols).to(tl.float32)
+        x, _ = _transform(tl.load(row_ptr + cols).to(tl.float32), scale, softcap, SOFTCAP)
     m_new = tl.maximum(m, tl.max(x, axis=0))
     # shift by a finite reference: while every logit so far is -inf, (-inf) - (-inf) would be NaN; differences
     # (not x*log2e - m*log2e) so that finfo.min logits neither overflow to -inf nor cancel to NaN
@@ -55,18 +73,20 @@ def _lse_block(row_ptr, cols, stop, m, d, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _grad_block(row_ptr, grad_row_ptr, cols, stop, m, log2d, coef, MASKED: tl.constexpr):
-    """Write ``coef * softmax`` = ``coef * 2**((x - m) * log2(e) - log2(d))`` for one block (the true class is
-    corrected after the sweep); ``m`` is finite and ``x - m <= 0``, so nothing overflows or cancels to NaN."""
+def _grad_block(row_ptr, grad_row_ptr, cols, stop, m, log2d, coef, scale, softcap, MASKED: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """Write ``coef * softmax(z) * dz/dx`` with ``softmax = 2**((z - m) * log2(e) - log2(d))`` for one block (the
+    true class is corrected after the sweep); ``m`` is finite and ``z - m <= 0``, so nothing overflows or
+    cancels to NaN."""
     if MASKED:
         mask = cols < stop
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp2((x - m) * _LOG2E - log2d)
-        tl.store(grad_row_ptr + cols, (p * coef).to(grad_row_ptr.dtype.element_ty), mask=mask)
+        z, dz = _transform(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), scale, softcap, SOFTCAP)
+        p = tl.exp2((z - m) * _LOG2E - log2d)
+        tl.store(grad_row_ptr + cols, (p * coef * dz).to(grad_row_ptr.dtype.element_ty), mask=mask)
     else:
-        x = tl.load(row_ptr + cols).to(tl.float32)
-        p = tl.exp2((x - m) * _LOG2E - log2d)
-        tl.store(grad_row_ptr + cols, (p * coef).to(grad_row_ptr.dtype.element_ty))
+        z, dz = _transform(tl.load(row_ptr + cols).to(tl.float32), scale, softcap, SOFTCAP)
+        p = tl.exp2((z - m) * _LOG2E - log2d)
+        tl.store(grad_row_ptr + cols, (p * coef * dz).to(grad_row_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -86,7 +106,10 @@ def _task_ce_rows_kernel(
     n_tasks,
     ignore_index,
     seg_len,
+    scale,
+    softcap,
     WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -106,15 +129,16 @@ def _task_ce_rows_kernel(
         valid = (label != ignore_index) & (label >= 0) & (label < n_vocab) & (task >= 0) & (task < n_tasks)
         row_logits = logits_ptr + row64 * stride_logits
         # read before any program of this row may start overwriting the logits (in-place mode)
-        x_label = tl.load(row_logits + tl.where(valid, label, 0)).to(tl.float32)
+        x_label, dz_label = _transform(tl.load(row_logits + tl.where(valid, label, 0)).to(tl.float32), scale,
+                                       softcap, SOFTCAP)
 
         # pass 1 over this program's segment: running max and sum of exponentials, float32
         m = float("-inf")
         d = 0.0
         for start in range(seg_start, full_stop, BLOCK_V):
-            m, d = _lse_block(row_logits, start + cols0, seg_stop, m, d, False)
+            m, d = _lse_block(row_logits, start + cols0, seg_stop, m, d, scale, softcap, False, SOFTCAP)
         if full_stop < seg_stop:
-            m, d = _lse_block(row_logits, full_stop + cols0, seg_stop, m, d, True)
+            m, d = _lse_block(row_logits, full_stop + cols0, seg_stop, m, d, scale, softcap, True, SOFTCAP)
         if SPLIT > 1:
             # the SPLIT programs of a row meet here: publish (m, d), count in, wait for the others. Scalar
             # atomics run once per program and act at L2; the grid is persistent and small enough to be
@@ -145,15 +169,17 @@ def _task_ce_rows_kernel(
             log2d = tl.where(valid, log_d * _LOG2E, 0.0)  # d may be 0 in an ignored row: -inf - -inf is NaN
             row_grad = grad_ptr + row64 * stride_grad
             for start in range(seg_start, full_stop, BLOCK_V):
-                _grad_block(row_logits, row_grad, start + cols0, seg_stop, m, log2d, coef, False)
+                _grad_block(row_logits, row_grad, start + cols0, seg_stop, m, log2d, coef, scale, softcap, False,
+                            SOFTCAP)
             if full_stop < seg_stop:
-                _grad_block(row_logits, row_grad, full_stop + cols0, seg_stop, m, log2d, coef, True)
+                _grad_block(row_logits, row_grad, full_stop + cols0, seg_stop, m, log2d, coef, scale, softcap, True,
+                            SOFTCAP)
             if valid & (label >= seg_start) & (label < seg_stop):
                 # (p - 1) * coef formed in float32 and rounded once; the barrier orders it after the
                 # block store of the same element by another thread of this program
                 tl.debug_barrier()
                 p_label = tl.exp2((x_label - m) * _LOG2E - log2d)
-                tl.store(row_grad + label, ((p_label - 1.0) * coef).to(grad_ptr.dtype.element_ty))
+                tl.store(row_grad + label, ((p_label - 1.0) * coef * dz_label).to(grad_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -270,10 +296,14 @@ def task_ce_rows(
     row_ce: torch.Tensor,
     grad: torch.Tensor | None,
     launch: RowsLaunch | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> None:
     """Write each row's cross-entropy into ``row_ce`` (float32, 0 where not counted) and, when ``grad`` is
     given, ``task_scale[t] * (softmax - onehot)`` into it (``grad`` may be ``logits`` itself). ``launch``:
-    the kernel's launch configuration; ``None`` = :func:`default_launch`."""
+    the kernel's launch configuration; ``None`` = :func:`default_launch`. ``logit_scale`` / ``softcap`` (0 =
+    none): the model's logit transform, applied inside the tiles; the gradient is that of the raw logits."""
     n_rows, n_vocab = logits.shape
     if n_rows == 0:
         return
@@ -306,7 +336,10 @@ def task_ce_rows(
         task_scale.numel(),
         ignore_index,
         seg_len,
+        float(logit_scale),
+        float(softcap) if softcap else 1.0,
         WRITE_GRAD=grad is not None,
+        SOFTCAP=bool(softcap),
         SPLIT=split,
         BLOCK_V=block,
         num_warps=launch.num_warps,

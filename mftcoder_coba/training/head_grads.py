@@ -22,6 +22,7 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.kernels.api import linear_task_cross_entropy
 from mftcoder_coba.models import lm_head
 from mftcoder_coba.models.forward import head_has_adapter
+from mftcoder_coba.models.head import logit_transform
 
 
 class HeadGradNorms:
@@ -36,6 +37,7 @@ class HeadGradNorms:
         self.bias = bias
         self.num_tasks = num_tasks
         self.impl = impl
+        self.transform = logit_transform(model).kernel_kwargs()
         self.total = torch.zeros((num_tasks, *weight.shape), dtype=torch.float32, device=weight.device)
 
     def add(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], counts: np.ndarray) -> None:
@@ -49,7 +51,7 @@ class HeadGradNorms:
             scale = torch.zeros(self.num_tasks, dtype=torch.float32, device=hidden.device)
             scale[k] = 1.0 / counts[k]
             loss, _, _ = linear_task_cross_entropy(hidden, weight, labels, task_ids, scale, bias=bias,
-                                                   ignore_index=IGNORE_INDEX, impl=self.impl)
+                                                   ignore_index=IGNORE_INDEX, impl=self.impl, **self.transform)
             (grad,) = torch.autograd.grad(loss, weight)
             self.total[k] += grad.float()
 

@@ -22,6 +22,7 @@ from mftcoder_coba.data import IGNORE_INDEX
 from mftcoder_coba.kernels.api import linear_task_cross_entropy, task_cross_entropy
 from mftcoder_coba.models import causal_lm, hidden_states, lm_head
 from mftcoder_coba.models.forward import head_has_adapter
+from mftcoder_coba.models.head import logit_transform
 
 
 def loss_token_counts(batches: list[dict[str, np.ndarray]], num_tasks: int) -> np.ndarray:
@@ -81,19 +82,21 @@ def head_loss(model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, tor
 
     ``fused_linear``: the LM head's weight goes into ``linear_task_cross_entropy`` with the hidden state (no
     logits tensor). Otherwise the model's output-embedding module computes the logits, which is what works
-    when ZeRO-3 partitions that weight (its hooks gather it for the call). A head with an adapter (LoRA or
-    CGC-LoRA on ``lm_head``) always goes through its module: its base weight alone is not what it computes,
-    and the fused path would leave the adapter without a gradient.
+    when ZeRO-3 partitions that weight (its hooks gather it for the call). Both apply the model's logit
+    transform (:mod:`mftcoder_coba.models.head`: soft-capping, logit scaling) inside the kernel. A head with
+    an adapter (LoRA or CGC-LoRA on ``lm_head``) always goes through its module: its base weight alone is not
+    what it computes, and the fused path would leave the adapter without a gradient.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = batch["labels"].reshape(-1)
     task_ids = batch["task_ids"].reshape(-1)
+    transform = logit_transform(model).kernel_kwargs()
     if fused_linear and not head_has_adapter(model):
         weight, bias = lm_head(model)
         return linear_task_cross_entropy(hidden, weight, labels, task_ids, scale, bias=bias,
-                                         ignore_index=IGNORE_INDEX, impl=impl)
+                                         ignore_index=IGNORE_INDEX, impl=impl, **transform)
     logits = causal_lm(model).get_output_embeddings()(hidden)
-    return task_cross_entropy(logits, labels, task_ids, scale, ignore_index=IGNORE_INDEX, impl=impl)
+    return task_cross_entropy(logits, labels, task_ids, scale, ignore_index=IGNORE_INDEX, impl=impl, **transform)
 
 
 class TaskLoss(torch.nn.Module):
