@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     packages=_PACKAGES,
     include_package_data=True,
-    package_data={"mftcoder_coba": ["demo_data/*", "demo_data/**/*"],
+    package_data={"mftcoder_coba": ["demo_data/*", "demo_data/**/*", "ds_configs/*.json"],
                   "mftcoder_coba.demo_data": ["*.jsonl", "tokenizer/*.json"]},
     install_requires=[
         "torch>=2.4",

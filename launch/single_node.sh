@@ -4,7 +4,7 @@
 #   launch/single_node.sh NPROC --config run.yaml [--resume auto] [field=value ...]
 #
 # Every argument after NPROC goes to `mftcoder-coba train`. Pick an engine config with
-# train.deepspeed_config=launch/ds_zero2.json (RunConfig fields override its batch, clipping, bf16, optimizer).
+# train.deepspeed_config=zero2 (zero0..zero3 ship in the package; RunConfig fields override its batch, clipping, bf16, optimizer).
 # PYTHON selects the interpreter (default: the active environment's, see launch/lib.sh). Runs from any folder.
 # MAX_RESTARTS (default 3): torchrun restarts a failed worker group this often; a restart resumes from the
 # newest verified checkpoint. SIGTERM / SIGUSR1 / SIGINT: the run stops after the current step with a

@@ -16,6 +16,7 @@ A minimal ``run.yaml``::
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -163,7 +164,8 @@ class TrainConfig:
     zero_stage: int | None = bounded(None, ge=0, le=3)
     """DeepSpeed ZeRO stage 0-3; ``null`` = the stage in ``deepspeed_config``, or 0 without one."""
     deepspeed_config: Path | None = None
-    """A DeepSpeed JSON (e.g. ``launch/ds_zero2.json``) for engine details (bucket sizes, overlap, offload).
+    """A DeepSpeed JSON for engine details (bucket sizes, overlap, offload): a path, or the name of one that
+    ships with the package, ``zero0`` ... ``zero3`` (``mftcoder_coba/ds_configs/``, found from any folder).
     The batch sizes, gradient clipping, bf16, optimizer and scheduler always come from this RunConfig."""
     seed: int = 0
     """Seed of the data order and of python/numpy/torch RNGs."""
@@ -191,12 +193,16 @@ class TrainConfig:
     """Compute the loss from the last hidden state and the LM head weight without materialising logits.
     ``auto`` = on unless ZeRO-3 partitions the LM head weight (then the head module runs and the per-task
     kernel reads its logits)."""
+    check_model_loss: bool = True
+    """Before the first step, compare this project's loss with the model's own ``forward(labels=...)`` loss on a
+    probe row and refuse the run when they differ beyond rounding (``training.loss_guard``): a logit transform
+    or loss term of the model's forward that training would drop. ``false`` trains anyway."""
     kernel_impl: Literal["auto", "triton", "torch"] = "auto"
     """Implementation of the per-task loss kernels (``auto``: Triton on CUDA, PyTorch otherwise)."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = None
     """Trackers that get every metrics.jsonl scalar (rank 0): ``tensorboard`` (run_dir/tensorboard), ``wandb``
-    (offline unless ``WANDB_MODE`` says otherwise, files under run_dir/wandb), ``mlflow`` (a local store under
-    run_dir/mlruns unless ``MLFLOW_TRACKING_URI`` is set). ``null`` = ``[tensorboard]`` (``[]`` with
+    (offline unless ``WANDB_MODE`` says otherwise, files under run_dir/wandb), ``mlflow`` (a local SQLite store,
+    run_dir/mlflow.db, unless ``MLFLOW_TRACKING_URI`` is set). ``null`` = ``[tensorboard]`` (``[]`` with
     ``tensorboard: false``). W&B and MLflow also get the run config; a resumed run continues their run."""
     tensorboard: bool | None = None
     """The older switch for TensorBoard: ``false`` = no TensorBoard (``report_to`` then defaults to ``[]``).
@@ -226,6 +232,8 @@ class TrainConfig:
     host. Ignored on GPU."""
 
     def validate(self) -> None:
+        if self.deepspeed_config is not None:
+            self.deepspeed_config = deepspeed_config_path(self.deepspeed_config)
         check(self.global_batch_size % self.micro_batch_size == 0 and self.global_batch_size > 0,
               "train.global_batch_size",
               f"{self.global_batch_size} is not a positive multiple of train.micro_batch_size={self.micro_batch_size}")
@@ -248,6 +256,20 @@ class TrainConfig:
         return [] if self.tensorboard is False else ["tensorboard"]
 
 
+DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+"""The DeepSpeed configs that ship with the package, named by stem (``zero2`` -> ``zero2.json``)."""
+
+
+def deepspeed_config_path(value: Path) -> Path:
+    """``train.deepspeed_config`` as an absolute path: a packaged config's name (``zero2``) maps to its file, so
+    the README's ``deepspeed_config: zero2`` works outside a checkout; anything else is a path from the current
+    directory."""
+    packaged = DS_CONFIGS / f"{value}.json"
+    if value.parent == Path(".") and not value.suffix and packaged.is_file():
+        return packaged
+    return value.absolute()
+
+
 @dataclass
 class RunConfig:
     """One training run: data, model, balancer, optimizer and loop settings, and where it all goes."""
@@ -268,6 +290,7 @@ class RunConfig:
     """A split scored in full during training (off unless ``eval.data`` is set)."""
 
     def validate(self) -> None:
+        self._make_paths_absolute()
         for field_name, metric in (("train.keep_best", self.train.keep_best),
                                    ("train.early_stopping.metric",
                                     self.train.early_stopping.metric if self.train.early_stopping else None)):
@@ -279,10 +302,25 @@ class RunConfig:
                   f"{metric!r} needs the held-out split: set data.valid")
 
 
+    def _make_paths_absolute(self) -> None:
+        """Every input and output path, relative to the current directory as typed, made absolute here: the run's
+        config.yaml then names the files that were used, and export, eval and resume of the run work from any
+        folder (a relative ``model.path`` was later looked up from wherever the user happened to be)."""
+        self.run_dir = self.run_dir.absolute()
+        self.data.train = self.data.train.absolute()
+        if self.data.valid is not None:
+            self.data.valid = self.data.valid.absolute()
+        if self.eval.data is not None:
+            self.eval.data = self.eval.data.absolute()
+        if self.model.path is not None:
+            self.model.path = os.path.abspath(self.model.path)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read ``path`` (YAML/JSON), apply ``a.b=value`` overrides, build and validate the typed tree.
 
-    Relative paths in the file are taken relative to the current directory, as a user types them.
+    Relative paths in the file are taken relative to the current directory, as a user types them, and made
+    absolute (:meth:`RunConfig.validate`).
     """
     data = config_io.apply_overrides(config_io.load_mapping(path), list(overrides or []))
     return config_io.build(RunConfig, data)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import REPO, TINY_LLAMA, run_data, write_config
+from train_helpers import TINY_LLAMA, run_data, write_config
 
 from mftcoder_coba import cli, config_io
-from mftcoder_coba.config import RunConfig, load_run_config
+from mftcoder_coba.config import DS_CONFIGS, RunConfig, load_run_config
 from mftcoder_coba.errors import ConfigError
 from mftcoder_coba.training import ds_config
 
@@ -62,7 +62,7 @@ def test_lr_schedule_warmup_cosine_floor(tmp_path: Path) -> None:
 
 def test_deepspeed_config_from_file_with_run_config_overriding(tmp_path: Path) -> None:
     data = {**_minimal(tmp_path), "train": {"micro_batch_size": 2, "global_batch_size": 16,
-                                            "deepspeed_config": str(REPO / "launch" / "ds_zero2.json")},
+                                            "deepspeed_config": "zero2"},
             "optim": {"max_grad_norm": 0.5}, "model": {"model_config": dict(TINY_LLAMA), "dtype": "fp32"}}
     cfg = config_io.build(RunConfig, data)
     ds = ds_config.build(cfg, world_size=2, on_cuda=False)
@@ -104,7 +104,7 @@ def test_gradient_accumulation_dtype_of_bf16_models(tmp_path: Path, stage: int, 
     data["model"]["dtype"] = "fp32"
     assert "data_types" not in ds_config.build(config_io.build(RunConfig, data), world_size=1, on_cuda=False)
     for stage in range(4):
-        on_disk = json.loads((REPO / "launch" / f"ds_zero{stage}.json").read_text())
+        on_disk = json.loads((DS_CONFIGS / f"zero{stage}.json").read_text())
         assert on_disk["zero_optimization"]["stage"] == stage and "scheduler" not in on_disk
 
 

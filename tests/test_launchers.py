@@ -29,7 +29,7 @@ from mftcoder_coba.training import train
 from mftcoder_coba.training.distributed import free_port
 
 SECTIONS = {"train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 4, "tensorboard": False,
-                      "deepspeed_config": str(REPO / "launch" / "ds_zero2.json")}}
+                      "deepspeed_config": "zero2"}}
 
 
 def _launch(script: str, args: list[str], **env: str) -> subprocess.Popen:

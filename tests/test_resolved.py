@@ -41,7 +41,8 @@ def test_a_cpu_run_writes_and_uses_its_resolved_settings(prepared: Path, tmp_pat
     resolved = yaml.safe_load((run_dir / "resolved.yaml").read_text())
     assert resolved == {"attention": "sdpa", "fused_linear_ce": True, "kernel_impl": "torch", "grad_sums": "fp32",
                         "fused_adamw": False, "cpu_threads": 1, "cpu_threads_from": "OMP_NUM_THREADS",
-                        "zero_stage": 0}
+                        "zero_stage": 0, "inputs": {"data.train": str(prepared / "train"),
+                                                     "data.valid": str(prepared / "valid")}}
     assert sorted(p.name for p in run_dir.iterdir() if "resolved" in p.name) == ["resolved.yaml"]  # no temp left
     assert ("resolved: attention=sdpa fused_linear_ce=true kernel=torch grad_sums=fp32 fused_adamw=false "
             "cpu_threads=1 zero_stage=0") in caplog.messages

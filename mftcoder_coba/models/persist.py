@@ -151,7 +151,8 @@ def _load(run_dir: Path, cfg: ModelConfig, model_dir: Path, options: dict) -> nn
     else:
         base_dir = Path(cfg.path) if cfg.path is not None else run_dir / "base_model"
         if not (base_dir / "config.json").is_file():
-            raise UserError(f"{base_dir}: the base model of this {cfg.adapter} run is missing")
+            named = f" (config field 'model.path' in {run_dir / 'config.yaml'})" if cfg.path is not None else ""
+            raise UserError(f"{base_dir}: the base model of this {cfg.adapter} run is missing{named}")
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), **options)
         if cfg.adapter == "cgc_lora":
             cgc_config, task_names = cgc_lora.load_cgc_config(model_dir)

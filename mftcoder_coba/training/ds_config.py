@@ -1,8 +1,9 @@
 """The DeepSpeed engine configuration and learning-rate schedule built from a RunConfig.
 
-``train.deepspeed_config`` (e.g. ``launch/ds_zero2.json``) may supply engine details: ZeRO bucket sizes,
-overlap, offload, communication options. These keys are then always set from the RunConfig, overriding the
-file: ``train_batch_size`` (global_batch_size), ``train_micro_batch_size_per_gpu`` (micro_batch_size),
+``train.deepspeed_config`` (e.g. ``zero2``, the packaged ``mftcoder_coba/ds_configs/zero2.json``) may supply
+engine details: ZeRO bucket sizes, overlap, offload, communication options. These keys are then always set
+from the RunConfig, overriding the file: ``train_batch_size`` (global_batch_size),
+``train_micro_batch_size_per_gpu`` (micro_batch_size),
 ``gradient_accumulation_steps`` (global / (micro x world)), ``gradient_clipping`` (optim.max_grad_norm),
 ``bf16`` (enabled when model.dtype is bf16; master-weight precision from optim.master_weights),
 ``data_types.grad_accum_dtype`` (train.grad_accum_dtype, for bf16 models),

@@ -7,7 +7,7 @@ dependencies point one way (preflight -> ds_config -> resolved) instead of the t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mftcoder_coba.config import RunConfig
@@ -39,6 +39,9 @@ class Resolved:
     """Where ``cpu_threads`` came from (the config field, OMP_NUM_THREADS, or cores / local ranks)."""
     zero_stage: int
     """The ZeRO stage in effect (``train.zero_stage``, else the DeepSpeed file's, else 0)."""
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Each input path the run reads, by config field, absolute (relative ones were taken from the folder the
+    config was loaded in): what export, eval and resume of this run directory use from any folder."""
 
     def line(self) -> str:
         """``resolved: attention=sdpa fused_linear_ce=true ...``: the one log line at start."""
@@ -66,6 +69,7 @@ def resolve(cfg: RunConfig, stage: int, on_cuda: bool) -> Resolved:
         cpu_threads=None if cpu is None else cpu.threads,
         cpu_threads_from=None if cpu is None else cpu.reason,
         zero_stage=stage,
+        inputs=input_paths(cfg),
     )
 
 
@@ -80,3 +84,11 @@ def grad_accum_dtype(cfg: RunConfig, stage: int) -> str:
 def uses_stochastic_rounding(cfg: RunConfig) -> bool:
     """True when the run trains bf16 masters with :class:`StochasticRoundingAdamW` instead of PyTorch's AdamW."""
     return cfg.optim.master_weights == "bf16" and cfg.optim.stochastic_rounding
+
+
+def input_paths(cfg: RunConfig) -> dict[str, str]:
+    """``{config field: absolute path}`` of every input ``cfg`` names (shards, eval split, base model, DeepSpeed
+    file); :meth:`RunConfig.validate` has already made them absolute."""
+    named = {"data.train": cfg.data.train, "data.valid": cfg.data.valid, "eval.data": cfg.eval.data,
+             "model.path": cfg.model.path, "train.deepspeed_config": cfg.train.deepspeed_config}
+    return {name: str(path) for name, path in named.items() if path is not None}
