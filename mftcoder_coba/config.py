@@ -169,8 +169,9 @@ class TrainConfig:
     The batch sizes, gradient clipping, bf16, optimizer and scheduler always come from this RunConfig."""
     seed: int = 0
     """Seed of the data order and of python/numpy/torch RNGs."""
-    save_every: int = bounded(0, ge=0)
-    """Write a checkpoint every this many steps (0 = only at the end, if ``save_final``)."""
+    save_every: int = bounded(500, ge=0)
+    """Write a checkpoint every this many steps (0 = only at the end, if ``save_final``). The default bounds what
+    a crash loses to 500 steps; ``keep_last`` bounds the disk they take."""
     save_every_minutes: float = bounded(0.0, ge=0)
     """Also write a checkpoint when this many minutes of wall-clock time have passed since the last one (or the
     start), decided at a step boundary by all ranks together (0 = off). Bounds the work a crash can lose when

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models.attention import resolve_attn_implementation
-from mftcoder_coba.models.config import LoraOptions, ModelConfig
+from mftcoder_coba.models.config import LoraOptions, ModelConfig, concrete_dtype
 from mftcoder_coba.models.layers import checkpointing_kwargs, compile_layers, enable_checkpointing
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def torch_dtype(cfg: ModelConfig) -> torch.dtype:
     """The ``torch.dtype`` named by ``cfg.dtype``."""
-    return DTYPES[cfg.dtype]
+    return DTYPES[concrete_dtype(cfg.dtype, torch.cuda.is_available())]
 
 
 def check_model(cfg: ModelConfig, vocab_size: int, seq_len: int | None = None) -> PretrainedConfig:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from mftcoder_coba.config_io import bounded, check
 from mftcoder_coba.models.cgc_config import CgcLoraConfig
 
-Dtype = Literal["bf16", "fp32"]
+Dtype = Literal["auto", "bf16", "fp32"]
 AttnImplementation = Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"]
 Adapter = Literal["none", "lora", "qlora", "cgc_lora"]
 
@@ -51,8 +51,10 @@ class ModelConfig:
     ``vocab_size`` defaults to the tokenizer's. Exclusive with ``path``."""
     init_seed: int = 0
     """Seed of the random initialisation of a ``model_config`` model (the same seed gives the same weights)."""
-    dtype: Dtype = "bf16"
-    """Parameter dtype: ``bf16`` on GPUs, ``fp32`` for CPU runs and exact tests."""
+    dtype: Dtype = "auto"
+    """Parameter dtype. ``auto``: ``bf16`` on a GPU that computes in it (CUDA, Ampere or newer), else ``fp32``
+    (CPU runs: bf16 matmuls there are slow and lose precision for nothing); ``train`` records the choice in the
+    run's config.yaml. ``fp32`` for exact tests."""
     attn_implementation: AttnImplementation = "auto"
     """Attention kernel. ``auto``: ``flash_attention_2`` (varlen over the packed samples) when flash-attn is
     installed and CUDA is present, else ``flex_attention`` (a document-causal BlockMask) on a GPU, else
@@ -98,3 +100,15 @@ class ModelConfig:
             "model.adapter",
             "'qlora' quantises pretrained weights and needs 'model.path'; use 'lora' with 'model_config'",
         )
+
+
+def concrete_dtype(dtype: str, on_cuda: bool) -> str:
+    """``model.dtype`` with ``auto`` decided for a run on CUDA (``on_cuda``) or the CPU: ``bf16`` only where the
+    GPU supports it. torch is imported here, not at module level: reading a run config imports no torch."""
+    if dtype != "auto":
+        return dtype
+    if not on_cuda:
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -24,6 +24,7 @@ from mftcoder_coba.config_io import check
 from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models import check_model
+from mftcoder_coba.models.config import concrete_dtype
 from mftcoder_coba.training import checkpoint, ds_config, resume_policy, trackers, verified
 from mftcoder_coba.training.best import check_metric_tasks
 from mftcoder_coba.training.eval_split import EvalSplit
@@ -80,6 +81,7 @@ def run(cfg: RunConfig, world_size: int, resume: str | None, on_cuda: bool | Non
     """All checks; returns the :class:`Plan` the trainer starts from. ``on_cuda``: whether the run trains on
     a GPU (default: CUDA is available, as :func:`distributed.world_from_env` decides)."""
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
+    cfg.model.dtype = concrete_dtype(cfg.model.dtype, on_cuda)  # config.yaml then records what the run used
     train = _open_split(cfg.data.train, "data.train")
     try:
         tokenizer_files = train.tokenizer_files()
