@@ -99,8 +99,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int, task_names: l
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("model: %.1fM parameters, %.2fM trainable (%s)", total / 1e6, trainable / 1e6, cfg.adapter)
+    log.info("model: %s parameters, %s trainable (%.3g%%, %s)", readable_count(total), readable_count(trainable),
+             100.0 * trainable / max(total, 1), cfg.adapter)
     return model
+
+
+def readable_count(n: int) -> str:
+    """``1.23B``, ``4.56M``, ``12.3K`` or ``512``: three significant digits at any size (a LoRA run's 20K trainable
+    parameters printed as ``0.00M`` before)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
 
 
 def _peft_lora_config(options: LoraOptions):

@@ -158,3 +158,32 @@ class MetricsLog:
             self.file.close()
             for tracker in self.trackers:
                 tracker.close()
+
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def step_line(record: dict[str, Any], max_steps: int) -> str:
+    """The console line of a logged step: loss, LR, gradient norm (4 significant digits, not the 16 of a raw
+    float), throughput and the task weights."""
+    weights = " ".join(f"{t}={w:.3f}" for t, w in record["weights"].items())
+    return (f"step {record['step']}/{max_steps} loss {_number(record.get('loss'), '.4f')} "
+            f"lr {_number(record.get('lr'), '.3g')} grad_norm {_number(record.get('grad_norm'), '.4g')} "
+            f"tokens/s {_number(record.get('tokens_per_s'), '.0f')} weights {weights}")
+
+
+def measurement_line(record: dict[str, Any]) -> str | None:
+    """The compact per-task line of a step that measured held-out (``valid``: the losses CoBa acts on) or eval
+    losses, None on other steps: ``step 20 valid completion=1.2340 text2code=2.3450 | eval ... (mean, worst)``."""
+    parts = []
+    for source, key in (("valid", "valid_loss"), ("eval", "eval_loss")):
+        losses = record.get(key)
+        if losses:
+            values = " ".join(f"{t}={_number(v, '.4f')}" for t, v in losses.items())
+            if source == "eval":
+                values += (f" (mean {_number(record.get('eval_mean'), '.4f')}, "
+                           f"worst {_number(record.get('eval_worst'), '.4f')})")
+            parts.append(f"{source} {values}")
+    return f"step {record['step']} " + " | ".join(parts) if parts else None

@@ -56,7 +56,7 @@ from mftcoder_coba.training.best import MetricWatch, metric_value, write_best
 from mftcoder_coba.training.checkpoint import Components
 from mftcoder_coba.training.divergence import TrainingDiverged
 from mftcoder_coba.training.head_grads import HeadGradNorms
-from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, peak_flops
+from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, measurement_line, peak_flops, step_line
 from mftcoder_coba.training.objective import (
     TaskLoss,
     accumulate_gradients,
@@ -235,7 +235,9 @@ class _Trainer:
             valid = self._held_out_losses(self.held_out.initial())
         feed_reference(self.balancer, lambda: valid)
         self.update_weights = self.balancer.weights()
-        self.metrics.write(0, weights=self.balancer.weights(), valid_loss=valid)
+        measured = measurement_line(self.metrics.write(0, weights=self.balancer.weights(), valid_loss=valid))
+        if self.world.is_main and measured is not None:
+            log.info("%s", measured)
 
     # --- one optimizer step -------------------------------------------------------------------------
     def _train_step(self) -> None:
@@ -303,9 +305,10 @@ class _Trainer:
                                     early_stopped=self.stop_reason)
         if problem is None and self.world.is_main and (step % self.cfg.train.log_every == 0
                                                        or step == self.cfg.train.max_steps):
-            log.info("step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f weights %s", step,
-                     self.cfg.train.max_steps, record["loss"], lr, grad_norm, tokens_per_s,
-                     " ".join(f"{t}={w:.3f}" for t, w in record["weights"].items()))
+            log.info("%s", step_line(record, self.cfg.train.max_steps))
+        measured = measurement_line(record) if self.world.is_main else None
+        if measured is not None:
+            log.info("%s", measured)
 
     def _post_step_losses(self, global_rows: np.ndarray) -> np.ndarray:
         """The step's global batch re-evaluated at the updated parameters (forward only)."""
