@@ -18,6 +18,7 @@ from mftcoder_coba.data import PackedDataset
 from mftcoder_coba.errors import UserError
 from mftcoder_coba.evaluation.targets import Target, is_cgc, run_tasks, use_task
 from mftcoder_coba.models import causal_lm
+from mftcoder_coba.training.loss_guard import check_own_loss
 from mftcoder_coba.training.validation import evaluate_per_task
 
 
@@ -68,10 +69,13 @@ def evaluate_split(model: torch.nn.Module, dataset: PackedDataset, rows: np.ndar
 
 
 def evaluate_target(model: torch.nn.Module, target: Target, dataset: PackedDataset, *, micro_batch_size: int = 8,
-                    impl: str = "auto") -> TaskLosses:
+                    impl: str = "auto", check_model_loss: bool = True) -> TaskLosses:
     """:func:`evaluate_split` of a loaded target; with task adapters, each task's tokens are scored by the
-    model with that task's adapter, on the rows that hold them."""
+    model with that task's adapter, on the rows that hold them. ``check_model_loss``: first refuse a model
+    whose own ``forward(labels=...)`` loss this project's loss does not reproduce (``training.loss_guard``)."""
     check_compatible(model, target, dataset)
+    if check_model_loss:
+        check_own_loss(model, fused_linear=False, override="check_model_loss=False (evaluate_target)")
     if not target.task_adapters:
         return evaluate_split(model, dataset, micro_batch_size=micro_batch_size, impl=impl)
     missing = [t for t in dataset.tasks if t not in target.task_adapters]

@@ -38,6 +38,18 @@ def hidden_states(
     :mod:`mftcoder_coba.models.attention`). ``task_ids`` (B, L) feed CGC-LoRA's gates when the model has
     CGC layers; they stay set after the call so a gradient-checkpointed backward recomputes with them.
     """
+    return decoder_outputs(model, input_ids, position_ids, task_ids)[0]
+
+
+def decoder_outputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    task_ids: torch.Tensor | None = None,
+    *,
+    router_logits: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """:func:`hidden_states` and, with ``router_logits`` (a MoE model), each layer's router logits."""
     lm = causal_lm(model)
     if task_ids is not None and cgc_layers(lm):
         set_task_ids(lm, task_ids)
@@ -46,8 +58,10 @@ def hidden_states(
     if lm.config._attn_implementation == FLASH:
         extra = varlen_kwargs(position_ids)
         input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+    if router_logits:
+        extra["output_router_logits"] = True
     out = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
-    return out[0].reshape(batch, length, -1)
+    return out[0].reshape(batch, length, -1), (out.router_logits if router_logits else None)
 
 
 def head_has_adapter(model: nn.Module) -> bool:

@@ -20,9 +20,10 @@ import torch
 
 from mftcoder_coba.data import IGNORE_INDEX
 from mftcoder_coba.kernels.api import linear_task_cross_entropy, task_cross_entropy
-from mftcoder_coba.models import causal_lm, hidden_states, lm_head
-from mftcoder_coba.models.forward import head_has_adapter
+from mftcoder_coba.models import causal_lm, lm_head
+from mftcoder_coba.models.forward import decoder_outputs, head_has_adapter
 from mftcoder_coba.models.head import logit_transform
+from mftcoder_coba.training.moe import router_aux
 
 
 def loss_token_counts(batches: list[dict[str, np.ndarray]], num_tasks: int) -> np.ndarray:
@@ -71,9 +72,13 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], scale: torch.Tensor, *,
                fused_linear: bool, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, task_loss_sum, task_token_count)`` of one micro-batch with per-task coefficients ``scale``."""
-    hidden = hidden_states(model, batch["input_ids"], batch["position_ids"], batch["task_ids"])
-    return head_loss(model, hidden, batch, scale, fused_linear=fused_linear, impl=impl)
+    """``(loss, task_loss_sum, task_token_count)`` of one micro-batch with per-task coefficients ``scale``;
+    ``loss`` includes a MoE model's router auxiliary loss (:mod:`~mftcoder_coba.training.moe`), the sums do not."""
+    aux = router_aux(causal_lm(model))
+    hidden, router_logits = decoder_outputs(model, batch["input_ids"], batch["position_ids"], batch["task_ids"],
+                                            router_logits=aux is not None)
+    loss, sums, counts = head_loss(model, hidden, batch, scale, fused_linear=fused_linear, impl=impl)
+    return (loss if aux is None else loss + aux(router_logits)), sums, counts
 
 
 def head_loss(model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor], scale: torch.Tensor, *,
@@ -117,11 +122,16 @@ class TaskLoss(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor,
                 position_ids: torch.Tensor, scale: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, task_loss_sum, task_token_count, hidden.detach())`` of one micro-batch."""
+        """``(loss, task_loss_sum, task_token_count, hidden.detach())`` of one micro-batch; a MoE model's router
+        auxiliary loss is added to ``loss`` as is (the engine's mean over micro-batches and ranks averages it)."""
         batch = {"labels": labels, "task_ids": task_ids}
-        hidden = hidden_states(self.module, input_ids, position_ids, task_ids)
+        aux = router_aux(causal_lm(self.module))
+        hidden, router_logits = decoder_outputs(self.module, input_ids, position_ids, task_ids,
+                                                router_logits=aux is not None)
         loss, sums, counts = head_loss(self.module, hidden, batch, scale, fused_linear=self.fused_linear,
                                        impl=self.impl)
+        if aux is not None:
+            loss = loss + aux(router_logits)
         return loss, sums, counts, hidden.detach()
 
 

@@ -56,6 +56,7 @@ from mftcoder_coba.training.best import MetricWatch, metric_value, write_best
 from mftcoder_coba.training.checkpoint import Components
 from mftcoder_coba.training.divergence import TrainingDiverged
 from mftcoder_coba.training.head_grads import HeadGradNorms
+from mftcoder_coba.training.loss_guard import check_own_loss
 from mftcoder_coba.training.metrics import MetricsLog, flops_per_token, measurement_line, peak_flops, step_line
 from mftcoder_coba.training.objective import (
     TaskLoss,
@@ -126,6 +127,8 @@ def _train_locked(cfg: RunConfig, plan: preflight.Plan, signals: preemption.Stop
     ProcessRNG().seed(cfg.train.seed)
     num_tasks = len(plan.train.tasks)
     model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks, attention=resolved.attention)
+    if cfg.train.check_model_loss:
+        check_own_loss(model, fused_linear=resolved.fused_linear_ce, override="train.check_model_loss: false")
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
             and not (cfg.run_dir / "base_model" / "config.json").is_file():
         save_base_model(model, cfg.run_dir / "base_model")
