@@ -119,7 +119,9 @@ class Renderer:
 
     # -- MFTCoder markers -----------------------------------------------------------------------------------
     def _render_mftcoder(self, chat: Chat) -> tuple[str, list[Span]]:
-        parts = [self.bos]
+        # every marker opens with ``<s>``: when that is the tokenizer's BOS the first marker is the BOS
+        # (MFTCoder's own layout on Llama-family tokenizers), so none is put before it
+        parts = [] if self.bos == MFTCODER_MARKERS["user"][: len(self.bos)] else [self.bos]
         if chat.system is not None:
             parts.append(f"{MFTCODER_MARKERS['system']}{chat.system}\n")
         size = sum(map(len, parts))

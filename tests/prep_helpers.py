@@ -54,3 +54,22 @@ def packed_samples(ds: PackedDataset, tokenizer) -> list[tuple[str, str]]:
             if tasks[a] >= 0:
                 out.append((tokenizer.decode(ids[a:b].tolist()), tokenizer.decode(ids[a:b][target[a:b]].tolist())))
     return out
+
+
+def llama_bos_tokenizer(target: Path) -> Path:
+    """A copy of the demo tokenizer as Llama-family tokenizers are: BOS ``<s>`` put before every encoding, no
+    chat template (so prep falls back to MFTCoder's ``<s>``-led role markers)."""
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    shutil.copytree(TOKENIZER_DIR, target)
+    backend = Tokenizer.from_file(str(target / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+    backend.save(str(target / "tokenizer.json"))
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["bos_token"] = "<s>"
+    del config["chat_template"]
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target

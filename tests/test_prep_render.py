@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prep_helpers import llama_bos_tokenizer
 
 from mftcoder_coba.data_prep.formats import BadRecord, Chat, Text, decode, normalise
 from mftcoder_coba.data_prep.render import Renderer
@@ -68,6 +69,20 @@ def test_mftcoder_markers_loss_is_exactly_the_replies_plus_eos(tokenizer):
     assert runs == ["def add(a, b):\n    return a + b\n" + EOS, "def sub(a, b):\n    return a - b" + EOS]
     assert whole == ("<s>system\nBe brief.\n<s>human\nWrite add(a, b).\n<s>bot\ndef add(a, b):\n    return a + b\n"
                      f"{EOS}\n<s>human\nNow subtract.\n<s>bot\ndef sub(a, b):\n    return a - b{EOS}")
+
+
+def test_mftcoder_markers_with_a_bos_of_s_start_with_one_bos(tmp_path):
+    """On a tokenizer whose BOS is ``<s>`` the first marker is the BOS: no ``<s><s>system`` (issue 22, item 5)."""
+    tok = load_tokenizer(llama_bos_tokenizer(tmp_path / "llama_tok"))
+    renderer = Renderer(tok)
+    assert renderer.mode == "mftcoder" and renderer.bos == "<s>"
+    for record in (CHAT, {"prompt": "q", "answer": "a"}):
+        text, spans = renderer.render(normalise(record, "w"))
+        ids, mask = Encoder(tok).encode([text], [spans])[0]
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+        assert tok.decode(ids.tolist()).startswith("<s>system\n" if "chat_rounds" in record else "<s>human\nq")
+    text, _ = renderer.render(Text("x"))  # raw text still gets its BOS
+    assert text == "<s>x" + EOS
 
 
 @pytest.mark.parametrize("record,prompt,answer", [
