@@ -117,7 +117,7 @@ class BalancerConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (linear warm-up, then cosine decay to a floor)."""
+    """AdamW and its learning-rate schedule (linear warm-up, then a decay to a floor, or none)."""
 
     lr: float = bounded(1e-4, gt=0)
     """Peak learning rate, reached at the end of warm-up."""
@@ -129,10 +129,16 @@ class OptimConfig:
     """Decoupled weight decay."""
     warmup_steps: int = bounded(0, ge=0)
     """Optimizer steps of linear warm-up from lr/warmup_steps to lr."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """After warm-up: cosine decay from lr to min_lr_ratio * lr at max_steps, or constant lr."""
+    warmup_ratio: float = bounded(0.0, ge=0, lt=1)
+    """Warm-up as a fraction of ``train.max_steps`` (rounded to whole steps), instead of ``warmup_steps``."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """After warm-up: ``cosine`` or ``linear`` decay from lr to min_lr_ratio * lr at max_steps; ``wsd``
+    (warmup-stable-decay): constant lr, then a linear decay to min_lr_ratio * lr over the last ``decay_ratio``
+    of the steps; ``constant``: lr throughout."""
     min_lr_ratio: float = bounded(0.1, ge=0, le=1)
-    """Floor of the cosine schedule as a fraction of lr."""
+    """Floor of the decaying schedules as a fraction of lr."""
+    decay_ratio: float = bounded(0.1, gt=0, le=1)
+    """``wsd`` only: the fraction of ``train.max_steps`` at the end over which the LR decays."""
     max_grad_norm: float = bounded(1.0, ge=0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     master_weights: Literal["fp32", "bf16"] = "fp32"
@@ -148,6 +154,14 @@ class OptimConfig:
     """torch.optim.AdamW(fused=True) (CUDA only); ``auto`` = on CUDA. The optimizer is PyTorch's AdamW passed
     through DeepSpeed (``torch_adam``, so no DeepSpeed C++ optimizer op is compiled), or with bf16 masters and
     stochastic rounding this project's own, which this setting does not affect."""
+
+    def validate(self) -> None:
+        check(self.warmup_steps == 0 or self.warmup_ratio == 0, "optim.warmup_ratio",
+              f"set either warmup_steps ({self.warmup_steps}) or warmup_ratio ({self.warmup_ratio}), not both")
+
+    def warmup(self, max_steps: int) -> int:
+        """Warm-up steps of a run of ``max_steps``: ``warmup_steps``, or ``warmup_ratio`` of the run rounded."""
+        return self.warmup_steps or round(self.warmup_ratio * max_steps)
 
 
 @dataclass

@@ -146,12 +146,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Multiplier of optim.lr for the optimizer step with 0-based index ``step``.
 
-    Linear warm-up (step+1)/warmup_steps, then cosine from 1 to min_lr_ratio at the last step (or constant).
+    Linear warm-up (step+1)/warmup (``optim.warmup(max_steps)`` steps), then from 1 to min_lr_ratio at the last
+    step: cosine, linear, or (``wsd``) 1 until the last ``decay_ratio`` of the steps and linear over those; or
+    constant.
     """
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
+    warmup = optim.warmup(max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
     if optim.schedule == "constant":
         return 1.0
-    span = max(1, max_steps - 1 - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    start = warmup
+    if optim.schedule == "wsd":
+        start = max(warmup, max_steps - max(1, round(optim.decay_ratio * max_steps)))
+        if step < start:
+            return 1.0
+    progress = min(1.0, (step - start) / max(1, max_steps - 1 - start))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
