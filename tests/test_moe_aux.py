@@ -55,3 +55,25 @@ def test_loss_with_router_aux_equals_the_models_own(model_type: str) -> None:
     torch.testing.assert_close(loss.detach().double(), own.loss.detach().double(), rtol=2e-6, atol=0)
     for name, p in model.named_parameters():  # routers included: the aux term's gradient is the model's own
         torch.testing.assert_close(p.grad, own_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_on_a_moe_model_trains_attention_router_and_fused_experts() -> None:
+    """peft's ``all-linear`` on Mixtral adapts attention, the router and the experts' fused parameters (peft's
+    parameter targeting); every adapter gets a gradient from the loss with the aux term. Dropout on the fused
+    expert parameters is not supported by peft: one line naming the field."""
+    from mftcoder_coba.errors import ConfigError
+
+    mc = {"model_type": "mixtral", **MOE["mixtral"]}
+    data = {"model_config": mc, "dtype": "fp32", "attn_implementation": "sdpa", "adapter": "lora",
+            "lora": {"dropout": 0.0}}
+    model = build_model(build(ModelConfig, data, prefix="model."), VOCAB, 1)
+    _, _, batch = _setup("mixtral")
+    loss, _, _, _ = TaskLoss(model, fused_linear=True, impl="torch")(**batch, scale=torch.tensor([1.0 / 15]))
+    loss.backward()
+    lora_b = {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n}
+    for part in ("self_attn.q_proj", "mlp.gate", "mlp.experts"):
+        assert any(part in n for n in lora_b), part
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in lora_b.values())
+    with pytest.raises(ConfigError, match="model.lora") as e:
+        build_model(build(ModelConfig, {**data, "lora": {"dropout": 0.1}}, prefix="model."), VOCAB, 1)
+    assert "\n" not in str(e.value).strip()
