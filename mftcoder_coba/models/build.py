@@ -127,6 +127,8 @@ def _peft_lora_config(options: LoraOptions):
         lora_dropout=options.dropout,
         target_modules=targets,
         modules_to_save=list(options.modules_to_save) or None,
+        use_dora=options.use_dora,
+        use_rslora=options.use_rslora,
     )
 
 

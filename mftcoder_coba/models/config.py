@@ -33,6 +33,12 @@ class LoraOptions:
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full next to the adapters and saved with them (e.g. ``[embed_tokens, lm_head]``
     when new tokens were added)."""
+    use_dora: bool = False
+    """DoRA (peft): each adapted weight split into a magnitude vector and a direction the low-rank update
+    trains; closer to full fine-tuning at low ranks, at some speed and memory (a magnitude per output row)."""
+    use_rslora: bool = False
+    """rsLoRA (peft): scale the update by ``alpha / sqrt(r)`` instead of ``alpha / r``, so higher ranks keep
+    learning instead of being scaled down."""
 
     def validate(self) -> None:
         check(len(self.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
