@@ -30,13 +30,14 @@ from mftcoder_coba.errors import UserError
 from mftcoder_coba.models import causal_lm, load_trained
 from mftcoder_coba.models.cgc_export import export_task_adapters
 from mftcoder_coba.models.cgc_lora import cgc_layers
-from mftcoder_coba.models.persist import model_dir_of
+from mftcoder_coba.models.persist import model_dir_of, run_model_config
 
 log = logging.getLogger(__name__)
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, *,
-               overwrite: bool = False, merged_tasks: bool = False, trust_remote_code: bool = False) -> Path:
+               overwrite: bool = False, merged_tasks: bool = False, trust_remote_code: bool = False,
+               adapter_only: bool = False) -> Path:
     """Export a run's checkpoint (the newest complete one by default) to ``out``; returns ``out``."""
     run_dir, out = Path(run_dir), Path(out)
     tokenizer_dir = run_dir / "tokenizer"
@@ -54,8 +55,13 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         export_task_adapters(model, out, _task_names(model_dir), tokenizer, merged=merged_tasks,
                              overwrite=overwrite)
     else:
+        if adapter_only and causal_lm(model) is model:
+            raise UserError(f"--adapter-only: {run_dir} trained no LoRA adapter (model.adapter in its config.yaml)")
         with atomic_directory(out, overwrite=overwrite) as staging:
-            _write_plain(model, tokenizer, staging)
+            if adapter_only:
+                _write_adapter(model, tokenizer, staging, run_dir)
+            else:
+                _write_plain(model, tokenizer, staging)
             mark_output(staging, "export")
     log.info("exported %s to %s", model_dir, out)
     return out
@@ -113,6 +119,17 @@ def _write_plain(model: nn.Module, tokenizer, out: Path) -> None:
     """One transformers directory: LoRA merged, ready for inference (:func:`_set_special_ids` done before)."""
     if causal_lm(model) is not model:  # peft: fold the adapters into the base weights
         model = model.merge_and_unload()
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _write_adapter(model: nn.Module, tokenizer, out: Path, run_dir: Path) -> None:
+    """peft's own adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, unmerged) and the
+    tokenizer, for serving several adapters on one base; ``base_model_name_or_path`` names the run's base model
+    (``model.path``, or the run's ``base_model/`` for a random-init base)."""
+    path = run_model_config(run_dir).path
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = path if path is not None else str((run_dir / "base_model").absolute())
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--best", action="store_true",
                        help="export the best checkpoint of train.keep_best (RUN_DIR/checkpoints/best.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="LoRA runs: write peft's unmerged adapter (adapter_config.json, adapter_model.safetensors)"
+                             " and the tokenizer instead of the merged model")
     parser.add_argument("--merged-tasks", action="store_true",
                         help="CGC-LoRA runs: also write one merged model per task under OUT/merged/<task>")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -28,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     checkpoint = read_best(args.run_dir) if args.best else args.checkpoint
     out = export_run(args.run_dir, args.out, checkpoint, overwrite=args.overwrite,
-                     merged_tasks=args.merged_tasks, trust_remote_code=args.trust_remote_code)
+                     merged_tasks=args.merged_tasks, trust_remote_code=args.trust_remote_code,
+                     adapter_only=args.adapter_only)
     print(out)
     return 0
