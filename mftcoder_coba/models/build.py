@@ -18,7 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from mftcoder_coba.errors import ConfigError, UserError
 from mftcoder_coba.models.attention import resolve_attn_implementation
 from mftcoder_coba.models.config import LoraOptions, ModelConfig, concrete_dtype
+from mftcoder_coba.models.forward import causal_lm
 from mftcoder_coba.models.layers import checkpointing_kwargs, compile_layers, enable_checkpointing
+from mftcoder_coba.models.neftune import add_neftune
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_tasks: int, task_names: l
     if cfg.compile:
         log.info("compiling %d decoder layers with torch.compile (on the first step)",
                  compile_layers(model, checkpointed=checkpointing is not None))
+    if cfg.neftune_alpha > 0:
+        add_neftune(causal_lm(model).get_input_embeddings(), cfg.neftune_alpha)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -57,6 +57,9 @@ class ModelConfig:
     ``vocab_size`` defaults to the tokenizer's. Exclusive with ``path``."""
     init_seed: int = 0
     """Seed of the random initialisation of a ``model_config`` model (the same seed gives the same weights)."""
+    neftune_alpha: float = bounded(0.0, ge=0)
+    """NEFTune: uniform noise of scale ``alpha / sqrt(seq_len * hidden)`` on the input embeddings while training
+    (``models/neftune.py``; the paper used 5). 0 = off."""
     dtype: Dtype = "auto"
     """Parameter dtype. ``auto``: ``bf16`` on a GPU that computes in it (CUDA, Ampere or newer), else ``fp32``
     (CPU runs: bf16 matmuls there are slow and lose precision for nothing); ``train`` records the choice in the
