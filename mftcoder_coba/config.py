@@ -170,6 +170,9 @@ class TrainConfig:
 
     max_steps: int = bounded(100, ge=1)
     """Optimizer steps to train (a resumed run continues up to this number)."""
+    num_epochs: float | None = bounded(None, gt=0)
+    """Passes over the training rows instead of ``max_steps``: ``max_steps = ceil(num_epochs x rows /
+    global_batch_size)``, decided when the run starts (the rows are counted then) and recorded in config.yaml."""
     micro_batch_size: int = bounded(1, ge=1)
     """Rows per forward/backward on one rank."""
     global_batch_size: int = 8

@@ -20,8 +20,8 @@ def test_parameter_counts_keep_three_digits_at_every_size() -> None:
 def test_step_and_measurement_lines() -> None:
     record = {"step": 7, "loss": 2.345678, "lr": 3e-4, "grad_norm": 0.12345678901234, "tokens_per_s": 1234.5,
               "weights": {"a": 0.25, "b": 0.75}}
-    assert step_line(record, 10) == \
-        "step 7/10 loss 2.3457 lr 0.0003 grad_norm 0.1235 tokens/s 1234 weights a=0.250 b=0.750"
+    assert step_line(record, 10, steps_per_epoch=2.5) == \
+        "step 7/10 epoch 2.80 loss 2.3457 lr 0.0003 grad_norm 0.1235 tokens/s 1234 weights a=0.250 b=0.750"
     assert measurement_line(record) is None
     record |= {"valid_loss": {"a": 1.5, "b": None}, "eval_loss": {"a": 2.0, "b": 3.0}, "eval_mean": 2.5,
                "eval_worst": 3.0}

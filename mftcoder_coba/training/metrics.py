@@ -165,11 +165,12 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def step_line(record: dict[str, Any], max_steps: int) -> str:
-    """The console line of a logged step: loss, LR, gradient norm (4 significant digits, not the 16 of a raw
-    float), throughput and the task weights."""
+def step_line(record: dict[str, Any], max_steps: int, steps_per_epoch: float) -> str:
+    """The console line of a logged step: epoch (passes over the training rows), loss, LR, gradient norm (4
+    significant digits, not the 16 of a raw float), throughput and the task weights."""
     weights = " ".join(f"{t}={w:.3f}" for t, w in record["weights"].items())
-    return (f"step {record['step']}/{max_steps} loss {_number(record.get('loss'), '.4f')} "
+    return (f"step {record['step']}/{max_steps} epoch {record['step'] / steps_per_epoch:.2f} "
+            f"loss {_number(record.get('loss'), '.4f')} "
             f"lr {_number(record.get('lr'), '.3g')} grad_norm {_number(record.get('grad_norm'), '.4g')} "
             f"tokens/s {_number(record.get('tokens_per_s'), '.0f')} weights {weights}")
 

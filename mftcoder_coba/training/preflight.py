@@ -12,6 +12,7 @@ is allowed (a test set of some tasks), since each row is scored as the training 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,8 @@ def run(cfg: RunConfig, world_size: int, resume: str | None, on_cuda: bool | Non
           f"{t.global_batch_size} rows do not split over {world_size} ranks x micro_batch_size {t.micro_batch_size}")
     check(len(train) >= t.global_batch_size, "train.global_batch_size",
           f"{t.global_batch_size} is more than the {len(train)} training rows")
+    if t.num_epochs is not None:  # config.yaml then records the steps the epochs came to
+        t.max_steps = max(1, math.ceil(t.num_epochs * len(train) / t.global_batch_size))
     resume_from = checkpoint.resolve_resume(cfg.run_dir, resume)
     if resume_from is not None:
         resume_policy.check(cfg, resume_from)

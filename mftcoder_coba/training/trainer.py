@@ -308,7 +308,8 @@ class _Trainer:
                                     early_stopped=self.stop_reason)
         if problem is None and self.world.is_main and (step % self.cfg.train.log_every == 0
                                                        or step == self.cfg.train.max_steps):
-            log.info("%s", step_line(record, self.cfg.train.max_steps))
+            log.info("%s", step_line(record, self.cfg.train.max_steps,
+                                       len(self.plan.train) / self.cfg.train.global_batch_size))
         measured = measurement_line(record) if self.world.is_main else None
         if measured is not None:
             log.info("%s", measured)
