@@ -7,8 +7,9 @@ nothing else: not the system prompt, not the user turns, not the role markers. T
   Running Jinja for every record is far slower than tokenising it, so the template is rendered once per
   conversation *shape* (system or not, number of turns) with sentinel contents; the literal pieces between
   the sentinels are cached and records are rendered by string joins. A template that inspects or alters
-  content (e.g. trims it) is detected while probing and then rendered exactly per record, with spans found
-  by rendering growing prefixes of the conversation.
+  content (trims it, strips leading newlines, splits reasoning at ``</think>``) is detected while probing with
+  such contents and then rendered exactly per record, with spans found by rendering growing prefixes of the
+  conversation.
 * ``mftcoder``: MFTCoder's role markers (``<s>system``, ``<s>human``, ``<s>bot``, each followed by a newline),
   with EOS closing every bot turn; used by default when the tokenizer has no chat template.
 
@@ -38,6 +39,9 @@ TemplateChoice = Literal["auto", "chat", "mftcoder"]
 Span = tuple[int, int]
 MFTCODER_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: never produced or touched by a template
+# contents a template may test or edit (Qwen3's and DeepSeek-R1's '</think>' split, `.lstrip('\n')`, `| trim`):
+# a shape is served by string joins only when the template writes each of them verbatim
+_PROBE_WRAPS = ((" \n", " \n"), ("\n", "\n"), ("<think>\nr\n</think>\n\n", ""))
 
 
 # per conversation shape: text before the first content, then per content (text after it, loss length into
@@ -147,10 +151,10 @@ class Renderer:
             raise UserError(f"chat template of '{self.tokenizer.name_or_path}' fails on a {roles} conversation: "
                             f"{exc} (try --template mftcoder)") from None
 
-    def _split(self, rendered: str, count: int, pad: str = "") -> list[str] | None:
+    def _split(self, rendered: str, count: int) -> list[str] | None:
         pieces, pos = [], 0
         for i in range(count):
-            marker = f"{pad}{_sentinel(i)}{pad}"
+            marker = _sentinel(i)
             at = rendered.find(marker, pos)
             if at < 0:
                 return None
@@ -165,13 +169,19 @@ class Renderer:
         if shape not in self._shapes:
             count = int(shape[0]) + shape[1]
             plain = self._split(self._apply(_messages(chat, [_sentinel(i) for i in range(count)])), count)
-            pad = " \n"  # a template that strips or edits content loses this padding
-            padded = self._split(self._apply(_messages(chat, [f"{pad}{_sentinel(i)}{pad}" for i in range(count)])),
-                                 count, pad)
-            self._shapes[shape] = plain if plain is not None and plain == padded else None
+            if plain is not None and not all(self._verbatim(chat, plain, wrap) for wrap in _PROBE_WRAPS):
+                plain = None
+            self._shapes[shape] = plain
             if self._shapes[shape] is None:
                 log.info("chat template edits message contents; rendering each record exactly (slower)")
         return self._shapes[shape]
+
+    def _verbatim(self, chat: Chat, pieces: list[str], wrap: tuple[str, str]) -> bool:
+        """Whether the template writes contents wrapped in ``wrap`` verbatim between the same pieces."""
+        before, after = wrap
+        contents = [f"{before}{_sentinel(i)}{after}" for i in range(len(pieces) - 1)]
+        expected = pieces[0] + "".join(c + p for c, p in zip(contents, pieces[1:]))
+        return self._apply(_messages(chat, contents)) == expected
 
     def _end_marker(self, after: str) -> int | None:
         """Length of the text after an assistant content up to and including its first special token."""

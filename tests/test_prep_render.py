@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prep_helpers import llama_bos_tokenizer
+from prep_helpers import llama_bos_tokenizer, tokenizer_copy
 
 from mftcoder_coba.data_prep.formats import BadRecord, Chat, Text, decode, normalise
 from mftcoder_coba.data_prep.render import Renderer
@@ -251,3 +251,24 @@ def test_joined_pieces_encode_exactly_as_separate_pieces(tokenizer):
         assert [(i.tolist(), m.tolist()) for i, m in shipped.encode(texts, spans)] == \
             [(i.tolist(), m.tolist()) for i, m in encoder.encode(texts, spans)]
         assert (shipped._backend is None) == (batch is rendered)
+
+
+QWEN3_STYLE = (  # the reasoning split of Qwen3's template (and DeepSeek-R1's), abridged
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% set content = m.content %}{% set reasoning = '' %}"
+    "{% if '</think>' in content %}{% set reasoning = content.split('</think>')[0].rstrip('\\n')"
+    ".split('<think>')[-1].lstrip('\\n') %}{% set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{% endif %}{% if loop.last %}{{ '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + "
+    "'\\n</think>\\n\\n' + content.lstrip('\\n') }}{% else %}{{ '<|im_start|>assistant\\n' + content }}"
+    "{% endif %}{{ '<|im_end|>\\n' }}{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_template_that_splits_reasoning_at_think_is_rendered_as_the_template_does(tmp_path):
+    """Qwen3-style templates branch on '</think>' in the content: sentinel probes alone never see it."""
+    tok = load_tokenizer(tokenizer_copy(tmp_path / "qwen3", chat_template=QWEN3_STYLE))
+    reply = "<think>\nadd two numbers\n</think>\n\ndef add(a, b): return a + b"
+    record = {"messages": [{"role": "user", "content": "Write add."}, {"role": "assistant", "content": reply}]}
+    text, spans = Renderer(tok).render(normalise(record, "w"))
+    messages = record["messages"]
+    assert text + "\n" == tok.apply_chat_template(messages, tokenize=False)
+    assert text.count("<think>") == 1 and text[spans[0][0]:spans[0][1]] == reply + EOS
