@@ -24,7 +24,7 @@ from mftcoder_coba.models.neftune import add_neftune
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def torch_dtype(cfg: ModelConfig) -> torch.dtype:

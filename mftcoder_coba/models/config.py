@@ -12,7 +12,7 @@ from typing import Any, Literal
 from mftcoder_coba.config_io import bounded, check
 from mftcoder_coba.models.cgc_config import CgcLoraConfig
 
-Dtype = Literal["auto", "bf16", "fp32"]
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 AttnImplementation = Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"]
 Adapter = Literal["none", "lora", "qlora", "cgc_lora"]
 
@@ -63,7 +63,8 @@ class ModelConfig:
     dtype: Dtype = "auto"
     """Parameter dtype. ``auto``: ``bf16`` on a GPU that computes in it (CUDA, Ampere or newer), else ``fp32``
     (CPU runs: bf16 matmuls there are slow and lose precision for nothing); ``train`` records the choice in the
-    run's config.yaml. ``fp32`` for exact tests."""
+    run's config.yaml. ``fp16``: for GPUs without bf16 (V100, T4), with DeepSpeed's dynamic loss scaling and
+    fp32 master weights. ``fp32`` for exact tests."""
     attn_implementation: AttnImplementation = "auto"
     """Attention kernel. ``auto``: ``flash_attention_2`` (varlen over the packed samples) when flash-attn is
     installed and CUDA is present, else ``flex_attention`` (a document-causal BlockMask) on a GPU, else

@@ -63,6 +63,8 @@ def build(cfg: RunConfig, world_size: int, on_cuda: bool, resolved: Resolved | N
     ds["gradient_accumulation_steps"] = t.global_batch_size // (t.micro_batch_size * world_size)
     ds["gradient_clipping"] = o.max_grad_norm
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.dtype == "bf16"}
+    if cfg.model.dtype == "fp16":  # dynamic loss scaling (loss_scale 0): halved on overflow, that step skipped
+        ds["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, **ds.get("fp16", {}), "enabled": True}
     if o.master_weights == "bf16":
         ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     if cfg.model.dtype == "bf16":

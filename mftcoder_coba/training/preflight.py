@@ -83,6 +83,8 @@ def run(cfg: RunConfig, world_size: int, resume: str | None, on_cuda: bool | Non
     a GPU (default: CUDA is available, as :func:`distributed.world_from_env` decides)."""
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
     cfg.model.dtype = concrete_dtype(cfg.model.dtype, on_cuda)  # config.yaml then records what the run used
+    check(cfg.model.dtype != "fp16" or on_cuda, "model.dtype",
+          "'fp16' needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 on CPU")
     train = _open_split(cfg.data.train, "data.train")
     try:
         tokenizer_files = train.tokenizer_files()

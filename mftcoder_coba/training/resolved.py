@@ -29,7 +29,7 @@ class Resolved:
     kernel_impl: str
     """Per-task CE backend, ``triton`` or ``torch`` (``train.kernel_impl``; ``auto``: triton on CUDA)."""
     grad_sums: str
-    """dtype gradients are summed in over micro-batches (``train.grad_accum_dtype``; an fp32 model: fp32)."""
+    """dtype gradients are summed in over micro-batches (``train.grad_accum_dtype``; fp32/fp16 models: their own)."""
     fused_adamw: bool
     """``torch.optim.AdamW(fused=True)`` (``optim.fused``; ``auto``: on CUDA; false with stochastic rounding,
     whose optimizer is the project's own)."""
@@ -64,7 +64,7 @@ def resolve(cfg: RunConfig, stage: int, on_cuda: bool) -> Resolved:
         attention=resolve_attn_implementation(cfg.model.attn_implementation, torch_dtype(cfg.model)),
         fused_linear_ce=stage != 3 if t.fused_linear_ce == "auto" else bool(t.fused_linear_ce),
         kernel_impl=("triton" if on_cuda else "torch") if t.kernel_impl == "auto" else t.kernel_impl,
-        grad_sums=grad_accum_dtype(cfg, stage) if cfg.model.dtype == "bf16" else "fp32",
+        grad_sums=grad_accum_dtype(cfg, stage) if cfg.model.dtype == "bf16" else cfg.model.dtype,
         fused_adamw=not uses_stochastic_rounding(cfg) and (on_cuda if o.fused == "auto" else bool(o.fused)),
         cpu_threads=None if cpu is None else cpu.threads,
         cpu_threads_from=None if cpu is None else cpu.reason,

@@ -26,7 +26,8 @@ from mftcoder_coba.errors import ConfigError
 # every step's rows, stays).
 MAY_CHANGE = (
     "run_dir",  # a run directory copied or moved elsewhere resumes there
-    "train.max_steps", "train.save_every", "train.save_every_minutes", "train.save_final", "train.keep_last",
+    "train.max_steps", "train.num_epochs", "train.save_every", "train.save_every_minutes", "train.save_final",
+    "train.keep_last",
     "train.log_every", "train.report_to", "train.tensorboard", "train.keep_best", "train.early_stopping",
     "train.nonfinite", "train.max_skipped_steps", "train.cpu_threads", "train.micro_batch_size",
     "eval.every", "eval.micro_batch_size",
