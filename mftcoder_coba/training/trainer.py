@@ -128,7 +128,8 @@ def _train_locked(cfg: RunConfig, plan: preflight.Plan, signals: preemption.Stop
     num_tasks = len(plan.train.tasks)
     model = build_model(cfg.model, plan.train.vocab_size, num_tasks, plan.train.tasks, attention=resolved.attention)
     if cfg.train.check_model_loss:
-        check_own_loss(model, fused_linear=resolved.fused_linear_ce, override="train.check_model_loss: false")
+        check_own_loss(model, fused_linear=resolved.fused_linear_ce, impl=resolved.kernel_impl,
+                       override="train.check_model_loss: false")
     if world.is_main and cfg.model.adapter != "none" and cfg.model.path is None \
             and not (cfg.run_dir / "base_model" / "config.json").is_file():
         save_base_model(model, cfg.run_dir / "base_model")
