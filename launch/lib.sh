@@ -56,11 +56,15 @@ run_torchrun() {
   trap 'forward INT' INT
   local status
   while :; do
+    TRAPPED=0
     status=0
     wait "$AGENT" || status=$?
-    kill -0 "$AGENT" 2>/dev/null || break # a trapped signal interrupted wait; the agent still runs
+    [ "$TRAPPED" = 1 ] || break                  # the agent ended: its status
+    kill -0 "$AGENT" 2>/dev/null && continue     # a trapped signal interrupted wait; the agent still runs
+    status=0
+    wait "$AGENT" || status=$?                   # the agent ended while the trap ran
+    break
   done
-  wait "$AGENT" 2>/dev/null && status=0 || status=$?
   trap - TERM HUP USR1 INT
   if [ -s "$MFTCODER_STOP_FILE" ]; then
     echo "$0: stopped, checkpoint published: $(cat "$MFTCODER_STOP_FILE")" >&2
@@ -74,6 +78,7 @@ run_torchrun() {
 # The signal $1 to torchrun's workers (its child processes).
 forward() {
   local pid
+  TRAPPED=1
   for pid in $(pgrep -P "$AGENT" || true); do
     kill -s "$1" "$pid" 2>/dev/null || true
   done
