@@ -38,6 +38,12 @@ def test_a_model_whose_loss_is_reproduced_passes(fused: bool) -> None:
     assert model.training and all(m.training for m in model.modules()), "train/eval flags must be restored"
 
 
+def test_the_trainer_probe_of_a_cpu_model_takes_a_gpu_runs_impl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer passes the resolved kernel impl (``triton`` on a GPU) while the model is still on the CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine: Triton would refuse CPU tensors
+    check_own_loss(_model(COHERE), fused_linear=True, impl="triton", override="x")
+
+
 def test_a_forward_with_an_extra_loss_term_is_refused_in_one_line() -> None:
     model = _model(CAPPED_LLAMA)
     with pytest.raises(UserError, match=r"model type 'llama': .* differs .* set train.check_model_loss: false") as e:

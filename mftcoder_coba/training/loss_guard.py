@@ -28,12 +28,14 @@ HALF_RTOL = 4e-3
 def probe_losses(model: torch.nn.Module, *, fused_linear: bool, impl: str = "auto") -> tuple[float, float]:
     """``(project's loss, model's own loss)`` on the probe row, in eval mode (no dropout), without gradients.
 
-    The modules' train/eval flags are restored afterwards.
+    The modules' train/eval flags are restored afterwards. The trainer probes the model as built, before
+    DeepSpeed moves it to the GPU: off CUDA the PyTorch kernels run whatever ``impl`` the run resolved.
     """
     lm = causal_lm(model)
     config = lm.config.get_text_config()
     length = min(PROBE_TOKENS, int(getattr(config, "max_position_embeddings", PROBE_TOKENS) or PROBE_TOKENS))
     device = lm.get_input_embeddings().weight.device
+    impl = impl if device.type == "cuda" else "torch"
     ids = torch.randint(0, lm.get_input_embeddings().weight.shape[0], (1, length),
                         generator=torch.Generator().manual_seed(0)).to(device)
     labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100, device=device)], dim=1)
