@@ -30,6 +30,7 @@ from mftcoder_coba.models.cgc_lora import (
     set_task_ids,
     task_ids_context,
 )
+from mftcoder_coba.models.layers import enable_checkpointing
 
 NUM_TASKS = 3
 
@@ -216,7 +217,7 @@ def test_set_task_ids_survives_gradient_checkpointing_recompute() -> None:
         randomise(model)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model, {"use_reentrant": False})  # either transformers name
         set_task_ids(model, task_ids)
         model(input_ids=ids).logits.square().mean().backward()   # backward recomputes after the forward
         grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
