@@ -235,6 +235,7 @@ def test_new_option_errors_name_their_field(shards, tmp_path) -> None:
     assert "contributors[0].weight" in error_of(data) and "fusion_weights 'given'" in error_of(data)
     assert "contributors[0].weight" in error_of(fusion_data(shards, tmp_path / "run", fusion_weights="given"))
     data = fusion_data(shards, tmp_path / "run", contributor_selection="best_valid")
+    data["template"]["train"]["save_every"] = 0  # final checkpoint only (the default is now periodic)
     assert "contributor_selection" in error_of(data) and "save_every" in error_of(data)
     data["template"]["train"].update(save_every=2, keep_last=1)
     data["template"]["balancer"]["update_interval"] = 2

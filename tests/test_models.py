@@ -57,7 +57,7 @@ def _perturb_trainable(model: torch.nn.Module) -> None:
     ({"model_config": {"hidden_size": 8}}, "model.model_config.model_type"),
     ({"adapter": "qlora"}, "model.adapter"),
     ({"lora": {"r": 0}}, "model.lora.r"),
-    ({"dtype": "fp16"}, "model.dtype"),
+    ({"dtype": "fp8"}, "model.dtype"),
     ({"attn_implementation": "flash"}, "model.attn_implementation"),
 ])
 def test_config_errors_name_the_field(fields: dict, field: str) -> None:

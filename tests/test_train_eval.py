@@ -13,6 +13,7 @@ import pytest
 import torch
 from train_helpers import (
     SEQ_LEN,
+    STOP_STEP_MOVED,
     assert_close_or_none,
     assert_same_run,
     cli,
@@ -172,6 +173,7 @@ def _rounded(value: object) -> object:
 
 
 @pytest.mark.slow
+@STOP_STEP_MOVED
 def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.json", run_data(prepared, tmp_path / "killed", **_stopping(prepared)))
     first = tmp_path / "killed" / "checkpoints" / "step-00000004"
@@ -209,6 +211,7 @@ def test_keep_best_and_early_stopping_survive_sigkill_and_resume(prepared: Path,
 
 
 @pytest.mark.slow
+@STOP_STEP_MOVED
 def test_resume_between_evaluations_without_improvement_stops_at_the_same_step(prepared: Path,
                                                                               tmp_path: Path) -> None:
     """Resumed from step 8 (one evaluation since the best, the best at 6 kept): the state carries the count."""

@@ -8,7 +8,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, cpu_env, read_metrics, run_config, run_data, single_thread, write_config
+from train_helpers import (
+    REPO,
+    STOP_STEP_MOVED,
+    cpu_env,
+    read_metrics,
+    run_config,
+    run_data,
+    single_thread,
+    write_config,
+)
 
 from mftcoder_coba.training import train
 
@@ -22,6 +31,7 @@ def _sections(prepared: Path) -> dict:
 
 
 @pytest.mark.distributed
+@STOP_STEP_MOVED
 def test_two_ranks_score_the_eval_split_and_decide_like_one_process(prepared: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "two.json", run_data(prepared, tmp_path / "two", **_sections(prepared)))
     proc = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), "2", "--config", str(config)], cwd=REPO,
